@@ -1,0 +1,40 @@
+--[[
+  info: read one task and when it is next due. Read-only. Called by Queue.info.
+
+  KEYS[1] -> {<prefix>:<queue>}:t:<id>       hash, the task
+  KEYS[2] -> {<prefix>:<queue>}:scheduled    zset, delayed ids scored by due time (ms)
+  KEYS[3] -> {<prefix>:<queue>}:retry        zset, failed ids scored by next attempt (ms)
+  KEYS[4] -> {<prefix>:<queue>}:active       zset, leased ids scored by lease expiry (ms)
+
+  ARGV[1] -> task id
+
+  Returns:
+    {due_ms, field_1, value_1, ...}: the hash's fields; due_ms is the score in the zset its state
+    names (next attempt or lease expiry), -1 when it has none. {} when the task does not exist.
+    {-5, key} when the task key holds another Redis type.
+
+  State change: none.
+]]
+-- @include "lib/types"
+local task_key = KEYS[1]
+local t = key_type(task_key)
+if t == "none" then
+  return {}
+elseif t ~= "hash" then
+  return {-5, task_key}
+end
+local fields = redis.call("HGETALL", task_key)
+local state = redis.call("HGET", task_key, "state")
+local zsets = {scheduled = KEYS[2], retry = KEYS[3], active = KEYS[4]}
+local due = -1
+if zsets[state] then
+  local score = redis.pcall("ZSCORE", zsets[state], ARGV[1])
+  if type(score) == "string" then
+    due = tonumber(score)
+  end
+end
+local reply = {due}
+for i = 1, #fields do
+  reply[i + 1] = fields[i]
+end
+return reply

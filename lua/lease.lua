@@ -1,0 +1,105 @@
+--[[
+  lease: move up to n ready tasks of one queue from pending to active, each with a fresh lease
+  token and a lease expiry from the server clock. Called by Queue.lease (qsync/_ops.py lease).
+
+  KEYS[1] -> {<prefix>:<queue>}:pending      list, ids ready to run (RPOP: oldest first)
+  KEYS[2] -> {<prefix>:<queue>}:active       zset, leased ids scored by lease expiry (ms)
+  KEYS[3] -> {<prefix>:<queue>}:archived     zset, dead ids scored by archive time (ms)
+  KEYS[4] -> {<prefix>:<queue>}:paused       string, present while the queue is paused
+  KEYS[5] -> {<prefix>:<queue>}:t:           the task-hash key prefix (not a key itself)
+
+  ARGV[1] -> n, the most tasks to lease (1..1000)
+  ARGV[2] -> lease duration (ms)
+  ARGV[3] -> token nonce: random per call; task i of the call gets token "<nonce>-<i>"
+  ARGV[4] -> the highest task format version ("v") this worker understands
+
+  Derived keys: KEYS[5] .. id (a popped id's hash) and the hash's "unique" field (its lock);
+  both carry the queue's hash tag, so the call stays in one slot.
+
+  Returns:
+    {now_ms, expires_ms, n_deadline, n_corrupt, n_orphan, then 9 fields per leased task:
+     id, token, type, payload, retried, max_retry, timeout_ms, deadline_ms, retry_delay_ms}
+    (timeout/deadline 0 and retry_delay -1 when unset). A paused queue leases nothing.
+    {-5, key} when a container key holds another Redis type; nothing written.
+
+  State change: pending -> active. On the way, a task whose deadline has passed goes to
+  archived ("deadline exceeded"), a hash with missing or malformed fields goes to archived
+  ("corrupt: ...", raw fields kept), and a popped id with no hash is dropped (orphan). A task
+  written by a newer qsync ("v" above ARGV[4]) is put back at the tail, unleased and untouched.
+  Invariants: every leased id is in active and nowhere else, its hash state is "active" and its
+  "token" field holds the token returned; no id is lost by being popped.
+]]
+-- @include "lib/now"
+-- @include "lib/types"
+-- @include "lib/archive"
+local rcall = redis.call
+local pending_key, active_key, archived_key, paused_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local task_prefix = KEYS[5]
+local n, lease_ms, nonce, max_version = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+
+local wrong = first_wrong_type({pending_key, "list", active_key, "zset", archived_key, "zset"})
+if wrong then
+  return {-5, wrong}
+end
+
+local now = now_ms()
+local expires = now + lease_ms
+local reply = {now, expires, 0, 0, 0}
+if rcall("EXISTS", paused_key) == 1 then
+  return reply
+end
+
+local first_skipped = nil
+for i = 1, n do
+  local id = rcall("RPOP", pending_key)
+  if not id then
+    break
+  end
+  if id == first_skipped then
+    -- Every task left is one this worker cannot read: put it back and stop.
+    rcall("LPUSH", pending_key, id)
+    break
+  end
+  local task_key = task_prefix .. id
+  if key_type(task_key) ~= "hash" then
+    reply[5] = reply[5] + 1
+  else
+    local f = rcall("HMGET", task_key, "v", "type", "payload", "retried", "max_retry",
+                    "timeout", "deadline", "retry_delay", "unique")
+    local version, retried, max_retry = tonumber(f[1]), tonumber(f[4]), tonumber(f[5])
+    local deadline = tonumber(f[7] or "0")
+    local missing = nil
+    if not version then missing = "v"
+    elseif not f[2] then missing = "type"
+    elseif not f[3] then missing = "payload"
+    elseif not retried then missing = "retried"
+    elseif not max_retry then missing = "max_retry"
+    elseif not deadline then missing = "deadline"
+    end
+    if missing then
+      archive_task(task_key, id, archived_key, now, "corrupt: field " .. missing .. " missing or malformed", f[9])
+      reply[4] = reply[4] + 1
+    elseif version > max_version then
+      first_skipped = first_skipped or id
+      rcall("LPUSH", pending_key, id)
+    elseif deadline > 0 and now >= deadline then
+      archive_task(task_key, id, archived_key, now, "deadline exceeded", f[9])
+      reply[3] = reply[3] + 1
+    else
+      local token = nonce .. "-" .. i
+      rcall("HSET", task_key, "state", "active", "token", token)
+      rcall("ZADD", active_key, expires, id)
+      local r = #reply
+      reply[r + 1] = id
+      reply[r + 2] = token
+      reply[r + 3] = f[2]
+      reply[r + 4] = f[3]
+      reply[r + 5] = retried
+      reply[r + 6] = max_retry
+      reply[r + 7] = tonumber(f[6] or "0") or 0
+      reply[r + 8] = deadline
+      reply[r + 9] = tonumber(f[8] or "-1") or -1
+    end
+  end
+end
+return reply

@@ -1,0 +1,384 @@
+"""The sans-I/O core: one function per operation, returning a :class:`Call` (script, keys,
+arguments, and how to decode the reply). No I/O and no asyncio here: the sync and the async
+queue both execute these same calls, so every transition's Redis logic exists once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+
+from . import _scripts
+from ._keys import QueueKeys, registry_key
+from .errors import Code, QsyncError, TaskNotFound, error_for
+from .task import Task, TaskInfo, TaskState
+
+__all__ = [
+    "TASK_FORMAT_VERSION",
+    "Call",
+    "Failure",
+    "HasLease",
+    "Lease",
+    "LeaseBatch",
+    "LeasedTask",
+    "PromoteResult",
+    "RecoverResult",
+    "TrimResult",
+    "ack",
+    "enqueue_many",
+    "extend",
+    "fail",
+    "info",
+    "lease",
+    "pause",
+    "promote",
+    "recover",
+    "register_queue",
+    "requeue",
+    "trim",
+]
+
+T = TypeVar("T")
+TASK_FORMAT_VERSION = 1
+ENQUEUE_CHUNK = 1000
+MAX_LEASE_BATCH = 1000
+MAX_SWEEP_BATCH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One Redis round-trip item: a script (EVALSHA) or, with ``script=None``, a plain command.
+
+    ``keys`` all carry one queue's hash tag (asserted when the call is built); ``idempotent``
+    calls may be re-sent once after a connection error, others never are.
+    """
+
+    op: str
+    queue: str
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+    decode: Callable[[Any], T]
+    script: _scripts.Script | None = None
+    idempotent: bool = False
+
+    def command(self) -> tuple[Any, ...]:
+        """The command to send."""
+        if self.script is None:
+            return self.args
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+
+def _script_call(
+    op: str,
+    keys: QueueKeys,
+    call_keys: tuple[str, ...],
+    args: tuple[Any, ...],
+    decode: Callable[[Any], T],
+    *,
+    idempotent: bool,
+    script: str | None = None,
+) -> Call[T]:
+    # One slot per call, checked before sending: every key must carry the queue's tag.
+    for key in call_keys:
+        if not keys.owns(key):
+            raise AssertionError(f"key {key!r} is outside the slot of {keys.tag}")
+    return Call(op, keys.queue, call_keys, args, decode, _scripts.script(script or op), idempotent)
+
+
+def _check_whole(reply: list[Any], op: str, queue: str) -> None:
+    if reply and isinstance(reply[0], int) and reply[0] == Code.WRONG_TYPE and len(reply) == 2:
+        raise error_for(Code.WRONG_TYPE, op=op, queue=queue, task_id=None, detail=_text(reply[1]))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# --- producer side ---------------------------------------------------------------------------
+
+
+def enqueue_many(keys: QueueKeys, tasks: Sequence[Task]) -> list[Call[list[TaskInfo | QsyncError]]]:
+    """Calls that enqueue ``tasks`` (1,000 per script call), each decoding to per-task results:
+    a TaskInfo, or the TaskError that refused that task."""
+    return [_enqueue_chunk(keys, tasks[i : i + ENQUEUE_CHUNK]) for i in range(0, len(tasks), ENQUEUE_CHUNK)]
+
+
+def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo | QsyncError]]:
+    call_keys: list[str] = [keys.pending, keys.scheduled]
+    args: list[Any] = [len(tasks)]
+    for task in tasks:
+        o = task.options
+        call_keys.append(keys.task(task.id))
+        task_index = len(call_keys)
+        lock_index = 0
+        if o.unique_key is not None:
+            call_keys.append(keys.unique(o.unique_key))
+            lock_index = len(call_keys)
+        args += (
+            task.id, task_index, lock_index, o.unique_ttl_ms, task.type, task.payload, task.fingerprint,
+            o.max_retry, o.timeout_ms, o.deadline_ms, o.retention_ms, o.retry_delay_ms, o.delay_ms,
+            o.process_at_ms,
+        )  # fmt: skip
+
+    def decode(reply: list[Any]) -> list[TaskInfo | QsyncError]:
+        _check_whole(reply, "enqueue", keys.queue)
+        results: list[TaskInfo | QsyncError] = []
+        for i, task in enumerate(tasks):
+            code, detail = reply[1 + 2 * i], _text(reply[2 + 2 * i])
+            if code > 0:
+                results.append(_enqueued_info(keys.queue, task, detail, reply[0]))
+            else:
+                results.append(
+                    error_for(code, op="enqueue", queue=keys.queue, task_id=task.id, detail=detail)
+                )
+        return results
+
+    return _script_call("enqueue", keys, tuple(call_keys), tuple(args), decode, idempotent=True)
+
+
+def _enqueued_info(queue: str, task: Task, state: str, now_ms: int) -> TaskInfo:
+    o = task.options
+    fields: dict[bytes, bytes] = {
+        b"state": state.encode(), b"type": task.type.encode(), b"payload": task.payload,
+        b"max_retry": str(o.max_retry).encode(), b"created": str(now_ms).encode(),
+        b"timeout": str(o.timeout_ms).encode(), b"deadline": str(o.deadline_ms).encode(),
+        b"retention": str(o.retention_ms).encode(),
+    }  # fmt: skip
+    due = o.process_at_ms or (now_ms + o.delay_ms if o.delay_ms else 0)
+    return TaskInfo.from_hash(task.id, queue, fields, due if state == TaskState.SCHEDULED else -1)
+
+
+def register_queue(prefix: str, queue: str) -> Call[None]:
+    """Add ``queue`` to the prefix's set of known queues (an index for tools, not the truth)."""
+    key = registry_key(prefix, "queues")
+    return Call("register", queue, (key,), ("SADD", key, queue), lambda _: None, None, True)
+
+
+def info(keys: QueueKeys, task_id: str) -> Call[TaskInfo]:
+    """Read one task."""
+    call_keys = (keys.task(task_id), keys.scheduled, keys.retry, keys.active)
+
+    def decode(reply: list[Any]) -> TaskInfo:
+        if not reply:
+            raise TaskNotFound(
+                f"info on queue {keys.queue!r}: task {task_id!r} was not found (never enqueued, or "
+                "finished and deleted: set retention= on the Task to keep finished tasks)",
+                op="info", queue=keys.queue, task_id=task_id,
+            )  # fmt: skip
+        _check_whole(reply, "info", keys.queue)
+        flat = reply[1:]
+        return TaskInfo.from_hash(
+            task_id, keys.queue, dict(zip(flat[::2], flat[1::2], strict=True)), reply[0]
+        )
+
+    return _script_call("info", keys, call_keys, (task_id,), decode, idempotent=True)
+
+
+def pause(keys: QueueKeys, paused: bool) -> Call[None]:
+    """Pause (workers lease nothing) or resume a queue."""
+    command = ("SET", keys.paused, "1") if paused else ("DEL", keys.paused)
+    return Call("pause", keys.queue, (keys.paused,), command, lambda _: None, None, True)
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+
+class HasLease(Protocol):
+    """Anything naming a lease: a task id and its current lease token."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+
+
+class Lease(NamedTuple):
+    """A task id and the lease token that fences it."""
+
+    id: str
+    token: str
+
+
+@dataclass(slots=True)
+class LeasedTask:
+    """A task leased to this worker, with everything the handler and the fencing need."""
+
+    id: str
+    token: str
+    queue: str
+    type: str
+    payload: bytes
+    retried: int
+    max_retry: int
+    timeout_ms: int
+    deadline_ms: int
+    retry_delay_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseBatch:
+    """The result of one lease call."""
+
+    now_ms: int
+    expires_ms: int
+    tasks: list[LeasedTask]
+    deadline_archived: int
+    corrupt_archived: int
+    orphans: int
+
+
+_LEASE_STRIDE = 9
+
+
+def lease(keys: QueueKeys, count: int, lease_ms: int) -> Call[LeaseBatch]:
+    """Lease up to ``count`` ready tasks for ``lease_ms``. Never re-sent: a lost reply leaves
+    the leases to expire and be recovered, never to be handed out twice."""
+    nonce = os.urandom(6).hex()
+    call_keys = (keys.pending, keys.active, keys.archived, keys.paused, keys.task_prefix)
+    queue = keys.queue
+
+    def decode(reply: list[Any]) -> LeaseBatch:
+        _check_whole(reply, "lease", queue)
+        tasks = []
+        for i in range(5, len(reply), _LEASE_STRIDE):
+            r = reply[i : i + _LEASE_STRIDE]
+            tasks.append(
+                LeasedTask(r[0].decode(), r[1].decode(), queue, r[2].decode("utf-8", "replace"), r[3],
+                           r[4], r[5], r[6], r[7], r[8])
+            )  # fmt: skip
+        return LeaseBatch(reply[0], reply[1], tasks, reply[2], reply[3], reply[4])
+
+    args = (count, lease_ms, nonce, TASK_FORMAT_VERSION)
+    return _script_call("lease", keys, call_keys, args, decode, idempotent=False)
+
+
+def _flatten(leases: Sequence[HasLease]) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in leases:
+        out += (item.id, item.token)
+    return tuple(out)
+
+
+def _codes(op: str, queue: str, offset: int) -> Callable[[list[Any]], list[int]]:
+    def decode(reply: list[Any]) -> list[int]:
+        _check_whole(reply, op, queue)
+        return reply[offset:]
+
+    return decode
+
+
+def extend(keys: QueueKeys, leases: Sequence[HasLease], lease_ms: int) -> Call[list[bool]]:
+    """Heartbeat: extend each held lease to now + ``lease_ms``; False for a lost lease."""
+    decode_codes = _codes("extend", keys.queue, 1)
+    args = (lease_ms, *_flatten(leases))
+    return _script_call(
+        "extend", keys, (keys.active, keys.task_prefix), args,
+        lambda reply: [c == Code.OK for c in decode_codes(reply)], idempotent=True,
+    )  # fmt: skip
+
+
+def ack(keys: QueueKeys, leases: Sequence[HasLease]) -> Call[list[bool]]:
+    """Finish tasks that succeeded; False for a lease that was lost (nothing written)."""
+    decode_codes = _codes("ack", keys.queue, 0)
+    return _script_call(
+        "ack", keys, (keys.active, keys.completed, keys.task_prefix), _flatten(leases),
+        lambda reply: [c > 0 for c in decode_codes(reply)], idempotent=False,
+    )  # fmt: skip
+
+
+class Failure(NamedTuple):
+    """A failed attempt: the lease, the error text, and the delay before the next attempt in
+    ms (None: archive now, as for SkipRetry)."""
+
+    id: str
+    token: str
+    error: str
+    retry_delay_ms: int | None
+
+
+MAX_ERROR_BYTES = 4096
+
+
+def fail(keys: QueueKeys, failures: Sequence[Failure]) -> Call[list[TaskState | None]]:
+    """Record failed attempts: each task goes to RETRY or ARCHIVED; None for a lost lease."""
+    args: list[Any] = []
+    for f in failures:
+        error = f.error.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+        args += (f.id, f.token, error, -1 if f.retry_delay_ms is None else max(0, f.retry_delay_ms))
+    decode_codes = _codes("fail", keys.queue, 1)
+    outcome = {1: TaskState.RETRY, 2: TaskState.ARCHIVED}
+
+    def decode(reply: list[Any]) -> list[TaskState | None]:
+        return [outcome.get(c) for c in decode_codes(reply)]
+
+    call_keys = (keys.active, keys.retry, keys.archived, keys.task_prefix)
+    return _script_call("fail", keys, call_keys, tuple(args), decode, idempotent=False)
+
+
+def requeue(keys: QueueKeys, leases: Sequence[HasLease]) -> Call[list[bool]]:
+    """Hand leased tasks back to the front of pending without counting an attempt."""
+    decode_codes = _codes("requeue", keys.queue, 0)
+    return _script_call(
+        "requeue", keys, (keys.active, keys.pending, keys.task_prefix), _flatten(leases),
+        lambda reply: [c == Code.OK for c in decode_codes(reply)], idempotent=False,
+    )  # fmt: skip
+
+
+class PromoteResult(NamedTuple):
+    """Due tasks moved to pending, orphan ids dropped, and the next due time (ms, -1: none)."""
+
+    promoted: int
+    orphans: int
+    next_due_ms: int
+
+
+def promote(keys: QueueKeys, limit: int = 1000) -> Call[PromoteResult]:
+    """Move due scheduled and retry tasks to pending (bounded; safe to race)."""
+    call_keys = (keys.scheduled, keys.retry, keys.pending, keys.task_prefix)
+
+    def decode(reply: list[Any]) -> PromoteResult:
+        _check_whole(reply, "promote", keys.queue)
+        return PromoteResult(*reply)
+
+    return _script_call("promote", keys, call_keys, (limit,), decode, idempotent=True)
+
+
+class RecoverResult(NamedTuple):
+    """Expired leases sent to retry, archived, orphans dropped, and the next expiry (ms, -1)."""
+
+    retried: int
+    archived: int
+    orphans: int
+    next_expiry_ms: int
+
+
+def recover(keys: QueueKeys, limit: int, max_recoveries: int, retry_delay_ms: int) -> Call[RecoverResult]:
+    """Reclaim expired leases as failed attempts (bounded; safe to race)."""
+    call_keys = (keys.active, keys.retry, keys.archived, keys.task_prefix)
+
+    def decode(reply: list[Any]) -> RecoverResult:
+        _check_whole(reply, "recover", keys.queue)
+        return RecoverResult(*reply)
+
+    args = (limit, max_recoveries, retry_delay_ms)
+    return _script_call("recover", keys, call_keys, args, decode, idempotent=True)
+
+
+class TrimResult(NamedTuple):
+    """How many completed and archived tasks were forgotten."""
+
+    completed: int
+    archived: int
+
+
+def trim(keys: QueueKeys, limit: int, archived_max_age_ms: int, archived_max_count: int) -> Call[TrimResult]:
+    """Forget completed tasks past their retention and old or excess archived tasks."""
+    call_keys = (keys.completed, keys.archived, keys.task_prefix)
+
+    def decode(reply: list[Any]) -> TrimResult:
+        _check_whole(reply, "trim", keys.queue)
+        return TrimResult(*reply)
+
+    args = (limit, archived_max_age_ms, archived_max_count)
+    return _script_call("trim", keys, call_keys, args, decode, idempotent=True)

@@ -1,0 +1,160 @@
+"""How calls travel, written once for both I/O shells: pipelining, NOSCRIPT reload, cluster
+re-routing, and the mapping of Redis failures to qsync errors.
+
+:func:`exchange_calls` is a generator. It yields :class:`Exchange` objects (commands to send on
+one connection); the driver sends them, reads one reply per command (a Redis error reply comes
+back as the ``ResponseError`` object, not raised) and sends the replies back in. Connection
+failures are thrown into the generator. Its return value has one item per call: the decoded
+result or the QsyncError for that call. Nothing is ever re-sent blindly: only NOSCRIPT and
+MOVED/ASK replies (the script did not run), and connection errors for idempotent calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._ops import Call
+from .errors import (
+    EnqueueUncertain,
+    NotApplied,
+    NotEnqueued,
+    OutcomeUnknown,
+    QsyncError,
+    ScriptError,
+)
+
+__all__ = ["ConnectFailed", "Exchange", "exchange_calls", "raise_first"]
+
+# Replies that mean the command was refused before the script ran (or, for OOM, before its
+# first write: every qsync script writes last and its first write is checked for memory).
+_NOT_APPLIED = ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
+                "NOREPLICAS", "MISCONF", "NOPERM", "NOAUTH", "WRONGPASS", "EXECABORT")  # fmt: skip
+_REROUTE = ("MOVED", "ASK")
+MAX_ROUNDS = 4
+
+
+class ConnectFailed(Exception):
+    """Raised by a driver when no connection could be made: nothing was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """Commands to send on one connection, to the node that owns ``route_key``'s slot."""
+
+    commands: list[tuple[Any, ...]]
+    route_key: str
+    refresh_routes: bool = False
+
+
+def _failure(call: Call[Any], applied: bool | None, reason: str) -> QsyncError:
+    """applied=False: certainly not applied; None: unknown."""
+    enqueue = call.op == "enqueue"
+    message = f"{call.op} on queue {call.queue!r}: {reason}"
+    if applied is False:
+        return NotEnqueued(message, op=call.op) if enqueue else NotApplied(message, op=call.op)
+    message += "; the outcome is unknown"
+    if enqueue:
+        message += " (enqueue again with the same task ids: it is idempotent)"
+        return EnqueueUncertain(message, op=call.op)
+    return OutcomeUnknown(message, op=call.op)
+
+
+def _classify_reply_error(call: Call[Any], err: ResponseError) -> QsyncError:
+    text = str(err)
+    first = text.split(" ", 1)[0]
+    if first in _NOT_APPLIED or "OOM command not allowed" in text:
+        return _failure(call, False, f"Redis refused it: {text}")
+    return ScriptError(f"{call.op} on queue {call.queue!r}: Redis answered an error: {text}")
+
+
+def _group(calls: Sequence[Call[Any]], by_slot: bool) -> list[list[int]]:
+    if not by_slot:
+        return [list(range(len(calls)))]
+    groups: dict[str, list[int]] = {}
+    for i, call in enumerate(calls):
+        tag = call.keys[0].split("}", 1)[0]
+        groups.setdefault(tag, []).append(i)
+    return list(groups.values())
+
+
+def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Exchange, list[Any], list[Any]]:
+    """Run ``calls``; see the module docstring for the driver's side of the contract."""
+    results: list[Any] = [None] * len(calls)
+    for group in _group(calls, by_slot):
+        todo, loads, reroute = group, set[str](), False
+        resent: set[int] = set()
+        for _ in range(MAX_ROUNDS):
+            if not todo:
+                break
+            scripts = {s.sha: s for s in (calls[i].script for i in todo) if s is not None and s.sha in loads}
+            commands = [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
+            commands += [calls[i].command() for i in todo]
+            try:
+                replies = yield Exchange(commands, calls[todo[0]].keys[0], reroute)
+            except ConnectFailed as exc:
+                for i in todo:
+                    results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
+                todo = []
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                todo = _after_broken_connection(calls, todo, exc, resent, results)
+                loads, reroute = set(), False
+                continue
+            todo, loads, reroute = _absorb(calls, todo, replies[len(scripts) :], results)
+        for i in todo:
+            results[i] = _failure(calls[i], False, "Redis kept redirecting or reloading; giving up")
+    return results
+
+
+def _after_broken_connection(
+    calls: Sequence[Call[Any]], todo: list[int], exc: Exception, resent: set[int], results: list[Any]
+) -> list[int]:
+    """The connection broke after sending, so a reply may be lost. Idempotent calls are sent
+    once more (a connection error, not a timeout: a stalled server would stall them again);
+    the others are reported as of unknown outcome. Returns the calls to send again."""
+    timeout = isinstance(exc, RedisTimeoutError)
+    again = [i for i in todo if calls[i].idempotent and not timeout and i not in resent]
+    for i in todo:
+        if i not in again:
+            results[i] = _failure(calls[i], None, f"connection to Redis lost: {exc}")
+    resent.update(again)
+    return again
+
+
+def _absorb(
+    calls: Sequence[Call[Any]], todo: list[int], replies: list[Any], results: list[Any]
+) -> tuple[list[int], set[str], bool]:
+    """Decode replies into results; return the calls to send again (NOSCRIPT: load the script
+    first; MOVED/ASK: refresh the routes first). Neither reply means the script ran."""
+    again: list[int] = []
+    loads: set[str] = set()
+    reroute = False
+    for i, reply in zip(todo, replies, strict=True):
+        call = calls[i]
+        if isinstance(reply, NoScriptError) and call.script is not None:
+            loads.add(call.script.sha)
+            again.append(i)
+        elif isinstance(reply, ResponseError) and str(reply).split(" ", 1)[0] in _REROUTE:
+            reroute = True
+            again.append(i)
+        elif isinstance(reply, ResponseError):
+            results[i] = _classify_reply_error(call, reply)
+        else:
+            try:
+                results[i] = call.decode(reply)
+            except QsyncError as exc:
+                results[i] = exc
+    return again, loads, reroute
+
+
+def raise_first(results: list[Any]) -> None:
+    """Raise the first error among results (for single operations)."""
+    for r in results:
+        if isinstance(r, QsyncError):
+            raise r

@@ -1,0 +1,233 @@
+"""Tasks as users build them (:class:`Task`) and as Redis reports them (:class:`TaskInfo`)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from . import _validate as check
+from ._keys import validate_name
+from .errors import InvalidArgument, InvalidArgumentType
+
+__all__ = ["DEFAULT_MAX_RETRY", "Task", "TaskInfo", "TaskState"]
+
+DEFAULT_MAX_RETRY = 25
+MAX_RETRY_LIMIT = 10_000
+MAX_TYPE_BYTES = 255
+MAX_ID_BYTES = 128
+MAX_UNIQUE_KEY_BYTES = 512
+
+Seconds = int | float | timedelta
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life; each state is one Redis container of the queue."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    SCHEDULED = "scheduled"
+    RETRY = "retry"
+    ARCHIVED = "archived"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Options:
+    """A task's options in the units the scripts take (ms, ms since the epoch, 0 = unset)."""
+
+    max_retry: int
+    retry_delay_ms: int  # -1: the worker's backoff policy
+    delay_ms: int
+    process_at_ms: int
+    timeout_ms: int
+    deadline_ms: int
+    retention_ms: int
+    unique_ttl_ms: int
+    unique_key: str | None
+
+
+class Task:
+    """A unit of work to enqueue: a type that selects the handler, and a payload of bytes.
+
+    Args:
+        type: the task type the worker's Mux routes on, e.g. ``"email:send"``.
+        payload: the task's data, as bytes you encode (JSON, msgpack, ...). qsync never pickles.
+        retry: how many times a failed attempt is retried before the task is archived.
+        retry_delay: a fixed delay before each retry (seconds or timedelta); default: the
+            worker's backoff policy.
+        delay: run no earlier than this long after the enqueue (server clock).
+        process_at: run no earlier than this timezone-aware time. Not with ``delay``.
+        timeout: the longest one attempt may run; default: the worker's default timeout.
+        deadline: a timezone-aware time after which the task must not run; it is archived.
+        unique: a TTL (seconds or timedelta) for a unique lock: while the task lives and the
+            TTL lasts, enqueueing another task with the same unique key raises DuplicateTask.
+        unique_key: the key of the unique lock; default: derived from type and payload.
+        task_id: the id; default a random UUID. Enqueueing the same id again with the same
+            content is an idempotent success, with other content a TaskIdConflict.
+        retention: keep the finished task readable by ``info`` this long; default: delete it.
+
+    Raises:
+        InvalidArgument, InvalidArgumentType: on any bad value, with what to change.
+    """
+
+    __slots__ = ("_fingerprint", "id", "options", "payload", "type")
+
+    def __init__(
+        self,
+        type: str,
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        retry: int = DEFAULT_MAX_RETRY,
+        retry_delay: Seconds | None = None,
+        delay: Seconds | None = None,
+        process_at: datetime | None = None,
+        timeout: Seconds | None = None,
+        deadline: datetime | None = None,
+        unique: Seconds | None = None,
+        unique_key: str | None = None,
+        task_id: str | None = None,
+        retention: Seconds | None = None,
+    ) -> None:
+        self.type: str = check.printable_text(type, "task type", MAX_TYPE_BYTES)
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise InvalidArgumentType(
+                f"payload must be bytes, not {payload.__class__.__name__}; encode it yourself "
+                "(e.g. json.dumps(obj).encode()): qsync never pickles or guesses an encoding"
+            )
+        self.payload: bytes = bytes(payload)
+        self.id: str = (
+            uuid.uuid4().hex if task_id is None else validate_name(task_id, "task_id", MAX_ID_BYTES)
+        )
+        if delay is not None and process_at is not None:
+            raise InvalidArgument("give delay or process_at, not both")
+        if unique_key is not None and unique is None:
+            raise InvalidArgument("unique_key needs unique=<TTL>: a unique lock must expire")
+        deadline_ms = 0 if deadline is None else check.epoch_ms(deadline, "deadline")
+        process_at_ms = 0 if process_at is None else check.epoch_ms(process_at, "process_at")
+        delay_ms = 0 if delay is None else check.duration_ms(delay, "delay", allow_zero=True)
+        if deadline_ms:
+            now_ms = datetime.now(UTC).timestamp() * 1000
+            if deadline_ms <= now_ms:
+                raise InvalidArgument("deadline has already passed; a task past its deadline never runs")
+            if deadline_ms <= max(process_at_ms, now_ms + delay_ms):
+                raise InvalidArgument("deadline must be later than the time the task is due to run")
+        unique_ttl_ms = 0 if unique is None else check.duration_ms(unique, "unique")
+        if unique is not None and unique_ttl_ms < 1000:
+            raise InvalidArgument("unique TTL must be at least 1 second")
+        if unique_key is not None:
+            check.printable_text(unique_key, "unique_key", MAX_UNIQUE_KEY_BYTES)
+        elif unique is not None:
+            unique_key = self.type + ":" + hashlib.blake2b(self.payload, digest_size=16).hexdigest()
+        self.options = _Options(
+            max_retry=check.count(retry, "retry", low=0, high=MAX_RETRY_LIMIT),
+            retry_delay_ms=-1
+            if retry_delay is None
+            else check.duration_ms(retry_delay, "retry_delay", allow_zero=True),
+            delay_ms=delay_ms,
+            process_at_ms=process_at_ms,
+            timeout_ms=0 if timeout is None else check.duration_ms(timeout, "timeout"),
+            deadline_ms=deadline_ms,
+            retention_ms=0
+            if retention is None
+            else check.duration_ms(retention, "retention", allow_zero=True),
+            unique_ttl_ms=unique_ttl_ms,
+            unique_key=unique_key,
+        )
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of type, payload and options: equal for a client's retry of the same task.
+
+        The due time is left out on purpose: a retried ``delay=`` enqueue is the same task.
+        """
+        if self._fingerprint is None:
+            o = self.options
+            h = hashlib.blake2b(digest_size=8)
+            h.update(self.type.encode())
+            h.update(b"\0")
+            h.update(self.payload)
+            h.update(
+                f"\0{o.max_retry}\0{o.retry_delay_ms}\0{o.timeout_ms}\0{o.deadline_ms}\0{o.retention_ms}"
+                f"\0{o.unique_ttl_ms}\0{o.unique_key}".encode()
+            )
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"Task(type={self.type!r}, id={self.id!r}, payload=<{len(self.payload)} bytes>)"
+
+
+def _ms_to_datetime(ms: int | None) -> datetime | None:
+    return None if not ms else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskInfo:
+    """A task as Redis holds it. Times are timezone-aware UTC datetimes from the server clock.
+
+    Attributes:
+        id, queue, type, payload: what was enqueued.
+        state: where the task is now.
+        retried: failed attempts so far; max_retry: how many retries it may have.
+        last_error: the error text of the last failed attempt, if any.
+        next_process_at: when a scheduled or retrying task is due, or an active lease expires.
+    """
+
+    id: str
+    queue: str
+    state: TaskState
+    type: str = ""
+    payload: bytes = field(default=b"", repr=False)
+    retried: int = 0
+    max_retry: int = 0
+    recoveries: int = 0
+    timeout: timedelta | None = None
+    deadline: datetime | None = None
+    retention: timedelta | None = None
+    last_error: str | None = None
+    created_at: datetime | None = None
+    next_process_at: datetime | None = None
+    last_failed_at: datetime | None = None
+    finished_at: datetime | None = None
+    unique_key: str | None = None
+
+    @classmethod
+    def from_hash(cls, task_id: str, queue: str, fields: dict[bytes, bytes], due_ms: int) -> TaskInfo:
+        """Build from the task hash's raw fields (as read by the info script)."""
+
+        def text(name: bytes) -> str | None:
+            raw = fields.get(name)
+            return None if raw is None else raw.decode("utf-8", "replace")
+
+        def number(name: bytes) -> int:
+            raw = fields.get(name)
+            try:
+                return int(raw) if raw is not None else 0
+            except ValueError:
+                return 0
+
+        timeout_ms, retention_ms = number(b"timeout"), number(b"retention")
+        unique = text(b"unique")
+        return cls(
+            id=task_id,
+            queue=queue,
+            state=TaskState(text(b"state") or "pending"),
+            type=text(b"type") or "",
+            payload=fields.get(b"payload", b""),
+            retried=number(b"retried"),
+            max_retry=number(b"max_retry"),
+            recoveries=number(b"recoveries"),
+            timeout=timedelta(milliseconds=timeout_ms) if timeout_ms else None,
+            deadline=_ms_to_datetime(number(b"deadline")),
+            retention=timedelta(milliseconds=retention_ms) if retention_ms else None,
+            last_error=text(b"error"),
+            created_at=_ms_to_datetime(number(b"created")),
+            next_process_at=_ms_to_datetime(due_ms if due_ms > 0 else None),
+            last_failed_at=_ms_to_datetime(number(b"failed_at")),
+            finished_at=_ms_to_datetime(number(b"done_at")),
+            unique_key=unique.split(":u:", 1)[1] if unique and ":u:" in unique else None,
+        )
