@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/../examples_demo.py
+	$(BIN)/python benchmarks/demo.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ RULES: list[tuple[str, str]] = [
     (r"redis\.asyncio\.Redis`` or ``redis\.asyncio\.RedisCluster", "redis.Redis`` or ``redis.RedisCluster"),
     (r"for asyncio programs", "for threads and plain scripts"),
     (r"\bAsyncQueue\b", "Queue"),
+    (r"\bAsyncServing\b", "SyncServing"),
     (r"async def ", "def "),
     (r"await ", ""),
 ]

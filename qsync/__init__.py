@@ -8,27 +8,38 @@ from typing import Any, overload
 import redis
 import redis.asyncio as aioredis
 
-from . import errors
+from . import backoff, errors
 from ._base import DEFAULT_MAX_PAYLOAD
 from ._ops import Failure, Lease, LeaseBatch, LeasedTask, PromoteResult, RecoverResult, TrimResult
 from .aio import AsyncQueue
 from .client import Queue
+from .context import Context
+from .control import RetryAt, RetryIn, SkipRetry
 from .errors import InvalidArgumentType
+from .mux import Mux
+from .server import ServerConfig
 from .task import Task, TaskInfo, TaskState
 
 __all__ = [
     "AsyncQueue",
+    "Context",
     "Failure",
     "Lease",
     "LeaseBatch",
     "LeasedTask",
+    "Mux",
     "PromoteResult",
     "Queue",
     "RecoverResult",
+    "RetryAt",
+    "RetryIn",
+    "ServerConfig",
+    "SkipRetry",
     "Task",
     "TaskInfo",
     "TaskState",
     "TrimResult",
+    "backoff",
     "errors",
     "new",
 ]

@@ -82,8 +82,8 @@ class QueueBase:
     def _server_check_calls(self) -> list[Call[Any]]:
         key = registry_key(self.prefix, "queues")
         return [
-            Call("check", "", (key,), ("INFO", "server"), _parse_info),
-            Call("check", "", (key,), ("INFO", "memory"), _parse_info),
+            Call("server check", "", (key,), ("INFO", "server"), _parse_info),
+            Call("server check", "", (key,), ("INFO", "memory"), _parse_info),
         ]
 
     def _apply_server_check(self, results: list[Any]) -> None:

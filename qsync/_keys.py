@@ -51,6 +51,7 @@ class QueueKeys:
     archived: str
     completed: str
     paused: str
+    wake: str
     task_prefix: str
     unique_prefix: str
 
@@ -84,6 +85,7 @@ def keys_for(prefix: str, queue: str) -> QueueKeys:
         archived=tag + ":archived",
         completed=tag + ":completed",
         paused=tag + ":paused",
+        wake=tag + ":wake",
         task_prefix=tag + ":t:",
         unique_prefix=tag + ":u:",
     )

@@ -55,7 +55,8 @@ class Exchange:
 def _failure(call: Call[Any], applied: bool | None, reason: str) -> QsyncError:
     """applied=False: certainly not applied; None: unknown."""
     enqueue = call.op == "enqueue"
-    message = f"{call.op} on queue {call.queue!r}: {reason}"
+    where = f" on queue {call.queue!r}" if call.queue else ""
+    message = f"{call.op}{where}: {reason}"
     if applied is False:
         return NotEnqueued(message, op=call.op) if enqueue else NotApplied(message, op=call.op)
     message += "; the outcome is unknown"

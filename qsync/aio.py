@@ -19,6 +19,7 @@ from ._base import DEFAULT_MAX_PAYLOAD, DEFAULT_QUEUE, QueueBase
 from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverResult, TrimResult
 from ._protocol import raise_first
 from .errors import InvalidArgumentType, QsyncError
+from .server.api import AsyncServing
 from .task import Seconds, Task, TaskInfo, TaskState
 
 __all__ = ["AsyncQueue"]
@@ -26,7 +27,7 @@ __all__ = ["AsyncQueue"]
 T = TypeVar("T")
 
 
-class AsyncQueue(QueueBase):
+class AsyncQueue(QueueBase, AsyncServing):
     """A task queue on Redis, for asyncio programs. Create it with ``qsync.new(client)``.
 
     Args:

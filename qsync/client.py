@@ -19,6 +19,7 @@ from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverRes
 from ._protocol import raise_first
 from ._transport import SyncTransport
 from .errors import InvalidArgumentType, QsyncError
+from .server.api import SyncServing
 from .task import Seconds, Task, TaskInfo, TaskState
 
 __all__ = ["Queue"]
@@ -26,7 +27,7 @@ __all__ = ["Queue"]
 T = TypeVar("T")
 
 
-class Queue(QueueBase):
+class Queue(QueueBase, SyncServing):
     """A task queue on Redis, for threads and plain scripts. Create it with ``qsync.new(client)``.
 
     Args:

@@ -20,7 +20,11 @@
     │   │   └── NotEnqueued
     │   └── OutcomeUnknown                      ... and it may have happened (reply lost)
     │       └── EnqueueUncertain
-    └── ScriptError                             a qsync script failed: a bug, please report it
+    ├── ScriptError                             a qsync script failed: a bug, please report it
+    └── HandlerError                            recorded as an attempt's error by the worker
+        ├── UnknownTaskType                     no handler for the task's type
+        ├── TaskTimeout                         the attempt ran past its timeout
+        └── DeadlineExceeded                    the task's deadline passed
 
 Redis-side refusals carry ``op`` (the operation), ``code`` (a :class:`Code`), ``queue`` and
 ``task_id``. Messages never contain payloads or credentials.
@@ -34,9 +38,11 @@ __all__ = [
     "ClientClosed",
     "Code",
     "ConfigurationError",
+    "DeadlineExceeded",
     "CorruptState",
     "DuplicateTask",
     "EnqueueUncertain",
+    "HandlerError",
     "InvalidArgument",
     "InvalidArgumentType",
     "InvalidName",
@@ -51,6 +57,8 @@ __all__ = [
     "TaskError",
     "TaskIdConflict",
     "TaskNotFound",
+    "TaskTimeout",
+    "UnknownTaskType",
     "raise_for",
 ]
 
@@ -216,3 +224,20 @@ def raise_for(code: int, *, op: str, queue: str, task_id: str | None, detail: st
     """Raise the exception for a negative script reply code; do nothing for a success code."""
     if code < 0:
         raise error_for(code, op=op, queue=queue, task_id=task_id, detail=detail)
+
+
+class HandlerError(QsyncError):
+    """Base of the errors the worker records as an attempt's failure (never raised to you)."""
+
+
+class UnknownTaskType(HandlerError):
+    """No handler is registered for the task's type. The attempt fails and follows the task's
+    retry policy (a rolling deploy may add the handler), then the task is archived."""
+
+
+class TaskTimeout(HandlerError):
+    """The attempt ran past the task's timeout and was cancelled."""
+
+
+class DeadlineExceeded(HandlerError):
+    """The task's deadline passed; it is archived and never started again."""

@@ -1,0 +1,66 @@
+"""Context: what a running handler can know about its attempt, and how it learns to stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+__all__ = ["Context"]
+
+
+class Context:
+    """Passed to every handler with its task.
+
+    Attributes:
+        task_id: the task's id.
+        queue: the queue it was leased from.
+        deadline: when this attempt will be cancelled (the earlier of start + timeout and the
+            task's deadline), as a timezone-aware UTC datetime.
+    """
+
+    __slots__ = (
+        "_cancelled",
+        "_deadline_monotonic",
+        "_lease_expiry",
+        "_reason",
+        "deadline",
+        "queue",
+        "task_id",
+    )
+
+    def __init__(self, task_id: str, queue: str, timeout_s: float) -> None:
+        self.task_id = task_id
+        self.queue = queue
+        self._deadline_monotonic = time.monotonic() + timeout_s
+        self.deadline = datetime.fromtimestamp(time.time() + timeout_s, UTC)
+        self._lease_expiry = 0.0
+        self._cancelled = threading.Event()
+        self._reason = ""
+
+    def remaining(self) -> float:
+        """Seconds left before this attempt is cancelled (never negative)."""
+        return max(0.0, self._deadline_monotonic - time.monotonic())
+
+    def lease_remaining(self) -> float:
+        """Seconds left on the lease (the worker's heartbeat keeps extending it)."""
+        return max(0.0, self._lease_expiry - time.monotonic())
+
+    def is_cancelled(self) -> bool:
+        """True once the attempt must stop (timeout, deadline, lost lease or shutdown). A sync
+        handler should poll this in long loops: a thread cannot be interrupted from outside."""
+        return self._cancelled.is_set()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block up to ``timeout`` seconds until cancelled (a sync handler's interruptible sleep)."""
+        return self._cancelled.wait(timeout)
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why the attempt was cancelled ("" while it runs)."""
+        return self._reason
+
+    def _cancel(self, reason: str) -> None:
+        if not self._cancelled.is_set():
+            self._reason = reason
+            self._cancelled.set()

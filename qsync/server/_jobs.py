@@ -1,0 +1,54 @@
+"""The jobs a server is running: one entry per held lease, from lease to confirmed commit."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from .._ops import LeasedTask
+from ..context import Context
+
+__all__ = ["Job", "Outcome"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to commit: ack (``error is None``) or fail with a delay (None: archive now)."""
+
+    error: str | None = None
+    retry_delay_ms: int | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """A leased task while this server holds it. It keeps its concurrency slot, and its lease
+    keeps being extended, until its outcome is committed or its lease is lost."""
+
+    task: LeasedTask
+    ctx: Context
+    timeout_s: float
+    deadline_first: bool
+    lease_expiry: float  # local monotonic time by which the lease surely ends unless extended
+    runner: asyncio.Task[None] | None = None
+    outcome: Outcome | None = None
+    abandoned: str = ""  # why the result is no longer ours to commit (lost lease, shutdown)
+    commit_attempts: int = field(default=0)
+
+    @property
+    def id(self) -> str:
+        """The task id (with :attr:`token`, this is the lease the scripts check)."""
+        return self.task.id
+
+    @property
+    def token(self) -> str:
+        """The lease token."""
+        return self.task.token
+
+    def abandon(self, reason: str) -> None:
+        """Give the task up: tell the handler (ctx) and cancel it if it still runs."""
+        if self.abandoned:
+            return
+        self.abandoned = reason
+        self.ctx._cancel(reason)
+        if self.runner is not None and not self.runner.done():
+            self.runner.cancel()

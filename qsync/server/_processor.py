@@ -1,0 +1,217 @@
+"""Processor: leases tasks into free concurrency slots and runs their handlers.
+
+Free slots are offered to the queues by weight (or strictly by priority) and leased in batches,
+one pipelined round trip for all queues. No task is held without a lease: the processor only
+asks for as many tasks as it has free slots. When nothing is ready it waits for a wake-up
+signal (or ``poll_interval``) instead of polling Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .. import _faults
+from .._ops import LeaseBatch, LeasedTask
+from .._priority import allocate, strict_order
+from ..backoff import resolve_delay_ms
+from ..context import Context
+from ..control import RetryAt, RetryIn, SkipRetry
+from ..errors import DeadlineExceeded, QsyncError, TaskTimeout
+from ..mux import Mux
+from ._jobs import Job, Outcome
+from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from ..aio import AsyncQueue
+
+__all__ = ["Processor"]
+
+log = logging.getLogger("qsync.server")
+
+# A queue that came back empty is skipped for this long while other queues keep the server
+# busy, so busy rounds do not spend round trips on it; it is always retried when idle.
+EMPTY_SKIP_S = 0.05
+
+
+class Processor:
+    """Leases tasks and runs them; a job leaves ``running`` when ``settle`` is called."""
+
+    def __init__(
+        self,
+        queue: AsyncQueue,
+        mux: Mux,
+        config: ServerConfig,
+        submit: Callable[[Job], None],
+        wait_for_work: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self._queue = queue
+        self._mux = mux
+        self._config = config
+        self._submit = submit
+        self._wait_for_work = wait_for_work
+        self.running: dict[tuple[str, str], Job] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._empty_since: dict[str, float] = {}
+        self._rng = random.Random()
+        self.stats = {"leased": 0, "succeeded": 0, "failed": 0, "lost": 0}
+
+    def stop_leasing(self) -> None:
+        """Lease nothing more (running jobs go on)."""
+        self._stopping.set()
+        self._slot_freed.set()
+
+    def settle(self, job: Job, committed: bool) -> None:
+        """A job's outcome was committed (or cannot be): free its slot."""
+        if self.running.pop((job.task.queue, job.id), None) is None:
+            return
+        if job.outcome is None or not committed:
+            self.stats["lost"] += 1
+        elif job.outcome.error is None:
+            self.stats["succeeded"] += 1
+        else:
+            self.stats["failed"] += 1
+        self._slot_freed.set()
+
+    async def run(self) -> None:
+        """Fill free slots until :meth:`stop_leasing`."""
+        backoff = 0.0
+        while not self._stopping.is_set():
+            free = self._config.concurrency - len(self.running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                leased = await self._lease_round(free)
+                backoff = 0.0
+            except QsyncError as exc:
+                backoff = min(5.0, backoff * 2 or 0.1)
+                log.warning("leasing failed, retrying in %.1fs: %s", backoff, exc)
+                await self._sleep(backoff)
+                continue
+            if leased == 0 and not self._stopping.is_set() and self._all_empty():
+                self._empty_since.clear()
+                await self._wait_for_work(self._config.poll_interval)
+
+    def _all_empty(self) -> bool:
+        """True when every queue came back short recently: only then is there nothing to do
+        (one empty queue in a round says nothing about the others)."""
+        now = time.monotonic()
+        return all(now - self._empty_since.get(q, -1e9) <= EMPTY_SKIP_S for q in self._config.queues)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _lease_round(self, free: int) -> int:
+        weights = self._config.queues
+        if self._config.strict:
+            leased = 0
+            for name in strict_order(weights):
+                leased += await self._lease_from([(name, free - leased)])
+                if leased >= free:
+                    break
+            return leased
+        now = time.monotonic()
+        ready = {q: w for q, w in weights.items() if now - self._empty_since.get(q, -1e9) > EMPTY_SKIP_S}
+        if not ready:
+            return 0
+        return await self._lease_from(list(allocate(free, ready, self._rng).items()))
+
+    async def _lease_from(self, wants: list[tuple[str, int]]) -> int:
+        duration = self._config.lease_duration
+        calls = [self._queue._lease_call(name, n, duration) for name, n in wants]
+        sent_at = time.monotonic()
+        results = await self._queue.run_calls(calls)
+        leased = 0
+        for (name, n), result in zip(wants, results, strict=True):
+            if isinstance(result, QsyncError):
+                raise result
+            assert isinstance(result, LeaseBatch)
+            if len(result.tasks) < n:
+                self._empty_since[name] = time.monotonic()
+            if result.corrupt_archived or result.orphans or result.deadline_archived:
+                log.warning(
+                    "queue %s: archived %d corrupt and %d past-deadline tasks, dropped %d orphan ids",
+                    name, result.corrupt_archived, result.deadline_archived, result.orphans,
+                )  # fmt: skip
+            for task in result.tasks:
+                self._start(task, result.now_ms, sent_at + duration)
+            leased += len(result.tasks)
+        self.stats["leased"] += leased
+        if leased:
+            _faults.hit("after_lease")
+        return leased
+
+    def _start(self, task: LeasedTask, server_now_ms: int, lease_expiry: float) -> None:
+        timeout_s = task.timeout_ms / 1000 if task.timeout_ms else self._config.default_timeout
+        deadline_first = False
+        if task.deadline_ms:
+            to_deadline = max(0.0, (task.deadline_ms - server_now_ms) / 1000)
+            if to_deadline <= timeout_s:
+                timeout_s, deadline_first = to_deadline, True
+        ctx = Context(task.id, task.queue, timeout_s)
+        ctx._lease_expiry = lease_expiry
+        job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
+        self.running[(task.queue, task.id)] = job
+        job.runner = asyncio.get_running_loop().create_task(self._execute(job))
+
+    async def _execute(self, job: Job) -> None:
+        task, ctx = job.task, job.ctx
+        _faults.hit("before_handler")
+        try:
+            async with asyncio.timeout(job.timeout_s) as limit:
+                await self._mux.chain(task.type)(ctx, task)
+        except asyncio.CancelledError:
+            if not job.abandoned:
+                raise
+            self.settle(job, False)
+            return
+        except BaseException as exc:  # noqa: B036 - every handler failure is an attempt's failure
+            job.outcome = self._failure(job, exc, limit.expired())
+        else:
+            job.outcome = Outcome()
+        if job.abandoned:
+            self.settle(job, False)
+            return
+        _faults.hit("after_handler_before_ack")
+        self._submit(job)
+
+    def _failure(self, job: Job, exc: BaseException, timed_out: bool) -> Outcome:
+        task = job.task
+        if timed_out:
+            if job.deadline_first:
+                job.ctx._cancel("deadline exceeded")
+                return Outcome("DeadlineExceeded: the task's deadline passed", None)
+            job.ctx._cancel("timeout")
+            exc = TaskTimeout(f"the attempt ran past its timeout of {job.timeout_s:g} s")
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, SkipRetry):
+            return Outcome(error, None)
+        if isinstance(exc, RetryIn):
+            return Outcome(error, exc.delay_ms)
+        if isinstance(exc, RetryAt):
+            return Outcome(error, max(0, exc.at_ms - int(time.time() * 1000)))
+        if isinstance(exc, DeadlineExceeded):
+            return Outcome(error, None)
+        predicate = self._config.should_retry
+        if predicate is not None:
+            try:
+                if not predicate(exc):
+                    return Outcome(error, None)
+            except Exception:
+                log.exception("should_retry raised; retrying task %s as usual", task.id)
+        if task.retry_delay_ms >= 0:
+            return Outcome(error, task.retry_delay_ms)
+        delay, warning = resolve_delay_ms(self._config.retry_policy, task.retried, exc)
+        if warning:
+            log.warning("task %s: %s", task.id, warning)
+        return Outcome(error, delay)
