@@ -28,10 +28,17 @@ def require_redis_server() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(max_port: int = 65535) -> int:
+    """A free TCP port on 127.0.0.1, at most ``max_port`` (a cluster node also needs port + 10000
+    for its bus, so cluster nodes ask for ports <= 55535; the kernel's ephemeral range may reach
+    60999)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port <= max_port:
+            return port
+    raise RuntimeError(f"no free port <= {max_port} found")
 
 
 def _wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -96,6 +103,10 @@ class RedisServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# Redis refuses cluster mode on ports above 55535: the cluster bus listens on port + 10000.
+_MAX_CLUSTER_PORT = 55535
+
+
 class RedisCluster:
     """A local Redis Cluster of three masters (optionally with replicas), all started here."""
 
@@ -118,7 +129,7 @@ class RedisCluster:
                 "--cluster-config-file",
                 config,
             )
-            node = RedisServer(*options, folder=folder)
+            node = RedisServer(*options, port=free_port(_MAX_CLUSTER_PORT), folder=folder)
             self.nodes.append(node.start())
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
@@ -128,10 +139,15 @@ class RedisCluster:
         )  # fmt: skip
 
         def ready() -> bool:
-            with self.nodes[0].client() as r:
-                return bool(r.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") >= 0)
+            # Every node, not only the first: a node that has not yet learnt the slot map
+            # answers CLUSTERDOWN for the slots it does not know.
+            for node in self.nodes:
+                with node.client() as r:
+                    if b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
+                        return False
+            return True
 
-        _wait_until(ready, 30, "cluster_state:ok")
+        _wait_until(ready, 30, "cluster_state:ok on every node")
         return self
 
     @property
