@@ -4,7 +4,9 @@
 
   KEYS[1] -> {<prefix>:<queue>}:pending      list, ids ready to run (LPUSH in, RPOP out)
   KEYS[2] -> {<prefix>:<queue>}:scheduled    zset, ids scored by due time (ms)
-  KEYS[3..] -> per task, referenced by index from ARGV:
+  KEYS[3] -> {<prefix>:<queue>}:wake         list, wake-up token for idle workers (lib/wake)
+  KEYS[4] -> {<prefix>:<queue>}:completed    zset, retained finished ids (a reused id leaves it)
+  KEYS[5..] -> per task, referenced by index from ARGV:
                {<prefix>:<queue>}:t:<id>     hash, the task
                {<prefix>:<queue>}:u:<key>    string, a unique lock holding the owning id
 
@@ -26,26 +28,33 @@
       -5, key        WRONG_TYPE: the task or lock key holds another Redis type; nothing written
     {-5, key} when pending or scheduled holds another Redis type; nothing written at all.
 
-  State change: (none) -> pending, or (none) -> scheduled. Every task is checked before it is
+  State change: (none) -> pending, or (none) -> scheduled; a wake-up token when any went pending. Every task is checked before it is
   written; an item that is refused writes nothing. Items are independent (per-item results).
   Invariants: a new id is in exactly one of pending/scheduled and its hash state names it;
   a unique lock exists only with the id of a live task.
 ]]
 -- @include "lib/now"
 -- @include "lib/types"
+-- @include "lib/wake"
 local rcall = redis.call
 local pending_key = KEYS[1]
 local scheduled_key = KEYS[2]
+local wake_key, completed_key = KEYS[3], KEYS[4]
 local n = tonumber(ARGV[1])
 local STRIDE = 14
 
-local wrong = first_wrong_type({pending_key, "list", scheduled_key, "zset"})
+local wrong = first_wrong_type({pending_key, "list", scheduled_key, "zset", wake_key, "list",
+                                 completed_key, "zset"})
 if wrong then
   return {-5, wrong}
 end
 
 local now = now_ms()
 local reply = {now}
+local any_pending = false
+-- A completed task's hash expires on its own (PEXPIRE) while its id waits in completed for trim;
+-- an id reused after that expiry must leave completed, or it would be in two containers.
+local has_completed = rcall("EXISTS", completed_key) == 1
 
 for i = 1, n do
   local b = 2 + (i - 1) * STRIDE
@@ -100,8 +109,12 @@ for i = 1, n do
       rcall("SET", lock_key, id, "PX", ARGV[b + 3])
     end
     rcall("HSET", task_key, unpack(fields))
+    if has_completed then
+      rcall("ZREM", completed_key, id)
+    end
     if state == "pending" then
       rcall("LPUSH", pending_key, id)
+      any_pending = true
     else
       rcall("ZADD", scheduled_key, due, id)
     end
@@ -109,5 +122,8 @@ for i = 1, n do
   end
   reply[#reply + 1] = code
   reply[#reply + 1] = detail
+end
+if any_pending then
+  wake(wake_key)
 end
 return reply

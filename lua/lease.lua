@@ -7,6 +7,7 @@
   KEYS[3] -> {<prefix>:<queue>}:archived     zset, dead ids scored by archive time (ms)
   KEYS[4] -> {<prefix>:<queue>}:paused       string, present while the queue is paused
   KEYS[5] -> {<prefix>:<queue>}:t:           the task-hash key prefix (not a key itself)
+  KEYS[6] -> {<prefix>:<queue>}:wake         list, wake-up token for idle workers (lib/wake)
 
   ARGV[1] -> n, the most tasks to lease (1..1000)
   ARGV[2] -> lease duration (ms)
@@ -22,7 +23,8 @@
     (timeout/deadline 0 and retry_delay -1 when unset). A paused queue leases nothing.
     {-5, key} when a container key holds another Redis type; nothing written.
 
-  State change: pending -> active. On the way, a task whose deadline has passed goes to
+  State change: pending -> active, and a wake-up token when a full batch left tasks pending
+  (so a burst wakes idle workers one after another). On the way, a task whose deadline has passed goes to
   archived ("deadline exceeded"), a hash with missing or malformed fields goes to archived
   ("corrupt: ...", raw fields kept), and a popped id with no hash is dropped (orphan). A task
   written by a newer qsync ("v" above ARGV[4]) is put back at the tail, unleased and untouched.
@@ -32,12 +34,14 @@
 -- @include "lib/now"
 -- @include "lib/types"
 -- @include "lib/archive"
+-- @include "lib/wake"
 local rcall = redis.call
 local pending_key, active_key, archived_key, paused_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local task_prefix = KEYS[5]
+local task_prefix, wake_key = KEYS[5], KEYS[6]
 local n, lease_ms, nonce, max_version = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 
-local wrong = first_wrong_type({pending_key, "list", active_key, "zset", archived_key, "zset"})
+local wrong = first_wrong_type({pending_key, "list", active_key, "zset", archived_key, "zset",
+                                 wake_key, "list"})
 if wrong then
   return {-5, wrong}
 end
@@ -101,5 +105,9 @@ for i = 1, n do
       reply[r + 9] = tonumber(f[8] or "-1") or -1
     end
   end
+end
+-- A full batch may have left work behind: pass the wake-up on to the next idle worker.
+if (#reply - 5) / 9 == n and rcall("LLEN", pending_key) > 0 then
+  wake(wake_key)
 end
 return reply

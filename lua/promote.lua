@@ -6,6 +6,7 @@
   KEYS[2] -> {<prefix>:<queue>}:retry        zset, failed ids scored by next attempt (ms)
   KEYS[3] -> {<prefix>:<queue>}:pending      list, ids ready to run (LPUSH: behind the others)
   KEYS[4] -> {<prefix>:<queue>}:t:           the task-hash key prefix (not a key itself)
+  KEYS[5] -> {<prefix>:<queue>}:wake         list, wake-up token for idle workers (lib/wake)
 
   ARGV[1] -> the most ids to move from each of scheduled and retry (1..10000)
 
@@ -17,16 +18,19 @@
     An id whose hash is gone (or is not a hash) is dropped and counted as an orphan.
     {-5, key} when a container key holds another Redis type; nothing written.
 
-  State change: scheduled -> pending, retry -> pending.
+  State change: scheduled -> pending, retry -> pending; a wake-up token when any moved.
   Invariants: a promoted id is only in pending, with state "pending"; nothing is promoted early.
 ]]
 -- @include "lib/now"
 -- @include "lib/types"
+-- @include "lib/wake"
 local rcall = redis.call
 local scheduled_key, retry_key, pending_key, task_prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local wake_key = KEYS[5]
 local limit = tonumber(ARGV[1])
 
-local wrong = first_wrong_type({scheduled_key, "zset", retry_key, "zset", pending_key, "list"})
+local wrong = first_wrong_type({scheduled_key, "zset", retry_key, "zset", pending_key, "list",
+                                 wake_key, "list"})
 if wrong then
   return {-5, wrong}
 end
@@ -54,5 +58,8 @@ for _, source in ipairs({scheduled_key, retry_key}) do
       next_due = due
     end
   end
+end
+if promoted > 0 then
+  wake(wake_key)
 end
 return {promoted, orphans, next_due}

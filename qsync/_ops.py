@@ -105,7 +105,7 @@ def enqueue_many(keys: QueueKeys, tasks: Sequence[Task]) -> list[Call[list[TaskI
 
 
 def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo | QsyncError]]:
-    call_keys: list[str] = [keys.pending, keys.scheduled]
+    call_keys: list[str] = [keys.pending, keys.scheduled, keys.wake, keys.completed]
     args: list[Any] = [len(tasks)]
     for task in tasks:
         o = task.options
@@ -145,6 +145,8 @@ def _enqueued_info(queue: str, task: Task, state: str, now_ms: int) -> TaskInfo:
         b"timeout": str(o.timeout_ms).encode(), b"deadline": str(o.deadline_ms).encode(),
         b"retention": str(o.retention_ms).encode(),
     }  # fmt: skip
+    if o.unique_key is not None:
+        fields[b"unique"] = ("{" + queue + "}:u:" + o.unique_key).encode()
     due = o.process_at_ms or (now_ms + o.delay_ms if o.delay_ms else 0)
     return TaskInfo.from_hash(task.id, queue, fields, due if state == TaskState.SCHEDULED else -1)
 
@@ -235,7 +237,7 @@ def lease(keys: QueueKeys, count: int, lease_ms: int) -> Call[LeaseBatch]:
     """Lease up to ``count`` ready tasks for ``lease_ms``. Never re-sent: a lost reply leaves
     the leases to expire and be recovered, never to be handed out twice."""
     nonce = os.urandom(6).hex()
-    call_keys = (keys.pending, keys.active, keys.archived, keys.paused, keys.task_prefix)
+    call_keys = (keys.pending, keys.active, keys.archived, keys.paused, keys.task_prefix, keys.wake)
     queue = keys.queue
 
     def decode(reply: list[Any]) -> LeaseBatch:
@@ -320,7 +322,7 @@ def requeue(keys: QueueKeys, leases: Sequence[HasLease]) -> Call[list[bool]]:
     """Hand leased tasks back to the front of pending without counting an attempt."""
     decode_codes = _codes("requeue", keys.queue, 0)
     return _script_call(
-        "requeue", keys, (keys.active, keys.pending, keys.task_prefix), _flatten(leases),
+        "requeue", keys, (keys.active, keys.pending, keys.task_prefix, keys.wake), _flatten(leases),
         lambda reply: [c == Code.OK for c in decode_codes(reply)], idempotent=False,
     )  # fmt: skip
 
@@ -335,7 +337,7 @@ class PromoteResult(NamedTuple):
 
 def promote(keys: QueueKeys, limit: int = 1000) -> Call[PromoteResult]:
     """Move due scheduled and retry tasks to pending (bounded; safe to race)."""
-    call_keys = (keys.scheduled, keys.retry, keys.pending, keys.task_prefix)
+    call_keys = (keys.scheduled, keys.retry, keys.pending, keys.task_prefix, keys.wake)
 
     def decode(reply: list[Any]) -> PromoteResult:
         _check_whole(reply, "promote", keys.queue)

@@ -229,5 +229,5 @@ class TaskInfo:
             next_process_at=_ms_to_datetime(due_ms if due_ms > 0 else None),
             last_failed_at=_ms_to_datetime(number(b"failed_at")),
             finished_at=_ms_to_datetime(number(b"done_at")),
-            unique_key=unique.split(":u:", 1)[1] if unique and ":u:" in unique else None,
+            unique_key=unique.split("}:u:", 1)[1] if unique and "}:u:" in unique else None,
         )
