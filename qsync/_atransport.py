@@ -12,10 +12,10 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException
 
 from ._ops import Call
-from ._protocol import ConnectFailed, Exchange, exchange_calls
+from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls
 
 __all__ = ["AsyncTransport"]
 
@@ -59,6 +59,8 @@ class AsyncTransport:
 
     async def _send_cluster(self, client: aioredis.RedisCluster, exchange: Exchange) -> list[Any]:
         try:
+            # The async cluster client learns the slot map on first use; ours is a direct send.
+            await client.initialize()
             if exchange.refresh_routes:
                 await client.nodes_manager.initialize()
             node = client.get_node_from_key(exchange.route_key)
@@ -66,7 +68,7 @@ class AsyncTransport:
                 raise ConnectFailed(f"no node serves the slot of {exchange.route_key!r}")
             conn = node.acquire_connection()
             await conn.connect()  # type: ignore[no-untyped-call]
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
             return await _roundtrip(conn, exchange)
@@ -81,7 +83,7 @@ async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
         for _ in exchange.commands:
             try:
                 replies.append(await conn.read_response(disable_decoding=True))
-            except ResponseError as err:
+            except REPLY_ERRORS as err:
                 replies.append(err)
         return replies
     except BaseException:

@@ -15,6 +15,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis import exceptions as rex
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -29,7 +30,7 @@ from .errors import (
     ScriptError,
 )
 
-__all__ = ["ConnectFailed", "Exchange", "exchange_calls", "raise_first"]
+__all__ = ["REPLY_ERRORS", "ConnectFailed", "Exchange", "exchange_calls", "raise_first"]
 
 # Replies that mean the command was refused before the script ran (or, for OOM, before its
 # first write: every qsync script writes last and its first write is checked for memory).
@@ -37,6 +38,29 @@ _NOT_APPLIED = ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN
                 "NOREPLICAS", "MISCONF", "NOPERM", "NOAUTH", "WRONGPASS", "EXECABORT")  # fmt: skip
 _REROUTE = ("MOVED", "ASK")
 MAX_ROUNDS = 4
+
+# Error replies that redis-py raises as a ConnectionError subclass although the connection is
+# fine: a driver must treat them as the command's reply (the command was refused), not as a
+# broken connection (outcome unknown).
+REPLY_ERRORS = (ResponseError, rex.BusyLoadingError, rex.AuthenticationError)
+
+# redis-py strips the code from the message of the errors it has a class for; put it back.
+# Subclasses come before their bases (MovedError is an AskError, MasterDownError a ClusterDownError).
+_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (rex.MovedError, "MOVED"), (rex.AskError, "ASK"), (rex.TryAgainError, "TRYAGAIN"),
+    (rex.MasterDownError, "MASTERDOWN"), (rex.ClusterDownError, "CLUSTERDOWN"),
+    (rex.ReadOnlyError, "READONLY"), (rex.OutOfMemoryError, "OOM"), (rex.BusyLoadingError, "LOADING"),
+    (rex.AuthenticationError, "NOAUTH"), (rex.NoPermissionError, "NOPERM"),
+    (rex.ExecAbortError, "EXECABORT"), (rex.NoScriptError, "NOSCRIPT"),
+)  # fmt: skip
+
+
+def error_code(err: Exception) -> str:
+    """The Redis error code of an error reply (``"MOVED"``, ``"OOM"``, ``"ERR"``, ...)."""
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code
+    return str(err).split(" ", 1)[0]
 
 
 class ConnectFailed(Exception):
@@ -66,10 +90,12 @@ def _failure(call: Call[Any], applied: bool | None, reason: str) -> QsyncError:
     return OutcomeUnknown(message, op=call.op)
 
 
-def _classify_reply_error(call: Call[Any], err: ResponseError) -> QsyncError:
+def _classify_reply_error(call: Call[Any], err: Exception) -> QsyncError:
+    code = error_code(err)
     text = str(err)
-    first = text.split(" ", 1)[0]
-    if first in _NOT_APPLIED or "OOM command not allowed" in text:
+    if not text.startswith(code):
+        text = f"{code} {text}"
+    if code in _NOT_APPLIED or "OOM command not allowed" in text:
         return _failure(call, False, f"Redis refused it: {text}")
     return ScriptError(f"{call.op} on queue {call.queue!r}: Redis answered an error: {text}")
 
@@ -141,10 +167,10 @@ def _absorb(
         if isinstance(reply, NoScriptError) and call.script is not None:
             loads.add(call.script.sha)
             again.append(i)
-        elif isinstance(reply, ResponseError) and str(reply).split(" ", 1)[0] in _REROUTE:
+        elif isinstance(reply, REPLY_ERRORS) and error_code(reply) in _REROUTE:
             reroute = True
             again.append(i)
-        elif isinstance(reply, ResponseError):
+        elif isinstance(reply, REPLY_ERRORS):
             results[i] = _classify_reply_error(call, reply)
         else:
             try:

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException
 
 from ._ops import Call
-from ._protocol import ConnectFailed, Exchange, exchange_calls
+from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls
 
 __all__ = ["SyncTransport"]
 
@@ -54,7 +54,7 @@ class SyncTransport:
         try:
             pool = self._pool(exchange)
             conn = pool.get_connection()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
             try:
@@ -66,7 +66,7 @@ class SyncTransport:
             for _ in exchange.commands:
                 try:
                     replies.append(conn.read_response(disable_decoding=True))
-                except ResponseError as err:
+                except REPLY_ERRORS as err:
                     replies.append(err)
             return replies
         except BaseException:
