@@ -56,9 +56,15 @@ def resolve_delay_ms(policy: Backoff, retried: int, error: BaseException) -> tup
     """Run a policy defensively: a user function that raises or returns a negative, NaN or huge
     value is clamped to [0, 30 days]. Returns the delay and a warning to log, if any."""
     try:
-        seconds = float(policy(retried, error))
+        value = policy(retried, error)
     except Exception as exc:  # a user policy must not lose the task
         return 0, f"retry policy raised {type(exc).__name__}; retrying at once"
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float is surely beyond the cap
+        seconds = math.inf
+    except (TypeError, ValueError):
+        return 0, f"retry policy returned {type(value).__name__}, not seconds; retrying at once"
     if math.isnan(seconds) or seconds < 0:
         return 0, f"retry policy returned {seconds!r}; using 0"
     if seconds > MAX_BACKOFF_S:

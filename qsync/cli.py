@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from .errors import QsyncError
 from .mux import Mux
+from .server.config import parse_queues
 from .task import Task
 
 __all__ = ["main"]
@@ -37,7 +38,7 @@ EXIT_ERROR = 1
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"qsync: {message} (see 'qsync {self.prog.split()[-1]} --help')\n")
+        self.exit(EXIT_USAGE, f"qsync: {message} (see '{self.prog} --help')\n")
 
 
 def _env_file() -> None:
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("app", help="MODULE:ATTR naming a qsync.Mux (or one handler callable)")
     worker.add_argument(
         "--queues",
+        type=_queues,
         default=os.environ.get("QSYNC_QUEUES", "default=1"),
         help="queues and weights, e.g. critical=6,default=3,low=1 (env QSYNC_QUEUES)",
     )
@@ -102,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("task_id")
     info.add_argument("--queue", default="default")
     return parser
+
+
+def _queues(text: str) -> dict[str, int]:
+    try:
+        return parse_queues(text)
+    except QsyncError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -153,8 +162,10 @@ async def _worker(args: argparse.Namespace) -> None:
 
     def on_signal(signum: int) -> None:
         logging.getLogger("qsync").info("received %s, stopping gracefully", signal.Signals(signum).name)
-        if not stopping:
-            stopping.append(loop.create_task(queue.stop()))
+        if stopping:
+            logging.getLogger("qsync").info("already stopping; waiting for running tasks to finish")
+            return
+        stopping.append(loop.create_task(queue.stop()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

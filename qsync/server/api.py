@@ -48,10 +48,10 @@ class AsyncServing:
         config = ServerConfig(**options)
         if self._server is not None:
             raise InvalidArgument("this queue is already running a server")
-        await queue.run_calls([])  # the server check, so a bad Redis fails here
-        self._server = Server(queue, handler, config)
+        # Set before the first await, so a stop() that races the start is never lost.
+        self._server = server = Server(queue, handler, config)
         try:
-            await self._server.run()
+            await server.run()
         finally:
             self._server = None
 
@@ -146,17 +146,14 @@ class _ServerThread(threading.Thread):
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         try:
-            await self.queue.run_calls([])
             self.server = Server(self.queue, self.handler, self.config)
+            await self.server.run(on_started=self.started.set)
         except (QsyncError, redis.RedisError, OSError) as exc:
+            if self.started.is_set():
+                raise
             self.error = exc
-            self.started.set()
-            await _close(self.queue.client)
-            return
-        self.started.set()
-        try:
-            await self.server.run()
         finally:
+            self.started.set()
             await _close(self.queue.client)
 
     def request_stop(self) -> None:
@@ -193,9 +190,9 @@ def _async_twin(client: Any) -> aioredis.Redis | aioredis.RedisCluster:
     TLS, database, timeouts), for the server's own event loop."""
     if isinstance(client, redis.RedisCluster):
         node = client.get_default_node()  # type: ignore[no-untyped-call]
-        kwargs = _accepted(async_conn.Connection, dict(client.nodes_manager.connection_kwargs))
-        kwargs.pop("host", None)
-        kwargs.pop("port", None)
+        # The async cluster client takes connection settings as its own keyword arguments.
+        kwargs = _accepted(aioredis.RedisCluster, dict(client.nodes_manager.connection_kwargs))
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("host", "port", "startup_nodes")}
         return aioredis.RedisCluster(host=node.host, port=node.port, **kwargs)
     if not isinstance(client, redis.Redis):
         raise InvalidArgumentType(f"cannot start a server on {type(client).__name__}")
@@ -210,4 +207,5 @@ def _async_twin(client: Any) -> aioredis.Redis | aioredis.RedisCluster:
             "use qsync.new(redis.asyncio.Redis(...)) and await queue.run(...) instead"
         )
     kwargs = _accepted(cls, dict(pool.connection_kwargs))
-    return aioredis.Redis(connection_pool=aioredis.ConnectionPool(connection_class=cls, **kwargs))
+    # from_pool: the twin owns its pool, so closing the twin closes its connections.
+    return aioredis.Redis.from_pool(aioredis.ConnectionPool(connection_class=cls, **kwargs))

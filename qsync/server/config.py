@@ -19,7 +19,7 @@ def parse_queues(value: str | Sequence[str] | Mapping[str, int]) -> dict[str, in
         pairs: dict[str, int] = {}
         for part in value.split(","):
             label, _, number = part.strip().partition("=")
-            if not number.strip().isdigit():
+            if not (number.strip().isascii() and number.strip().isdigit()):
                 raise InvalidArgument(f"queues must look like 'critical=6,default=3', got {value!r}")
             pairs[label.strip()] = int(number)
         return parse_queues(pairs)

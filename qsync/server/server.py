@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,9 @@ class Server:
         self.config = config
         self.mux = as_mux(handler)
         self._stop = asyncio.Event()
+        # Heartbeats, sweeping and the registry outlive the stop request: running jobs keep
+        # their leases through the grace period, so these stop only once the jobs are settled.
+        self._background_stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="qsync-handler"
@@ -78,25 +82,38 @@ class Server:
         """Begin a graceful stop (call from the server's event loop)."""
         self._stop.set()
         self.processor.stop_leasing()
+        self.waker.poke()
 
     async def wait_stopped(self) -> None:
         """Wait until :meth:`run` has finished its graceful stop."""
         await self._stopped.wait()
 
-    async def run(self) -> None:
-        """Run until :meth:`request_stop` (or cancellation), then stop gracefully."""
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Check the Redis server, then run until :meth:`request_stop` (or cancellation), then
+        stop gracefully. ``on_started`` is called once the components run. A stop requested
+        before that is honoured: the server then starts nothing."""
         keys = [self.queue.keys(q) for q in self.config.queues]
-        await self.queue.run_calls([_ops.register_queue(self.queue.prefix, k.queue) for k in keys])
+        try:
+            # The first call of a queue also checks the server (version, eviction policy).
+            await self.queue.run_calls([_ops.register_queue(self.queue.prefix, k.queue) for k in keys])
+        except BaseException:
+            await self._release()
+            raise
+        if self._stop.is_set():
+            await self._release()
+            return
         log.info("qsync server %s: queues %s, concurrency %d", self.registry.server_id,
                  self.config.queues, self.config.concurrency)  # fmt: skip
         loop = asyncio.get_running_loop()
         self.waker.start()
         background = [
-            loop.create_task(self.heartbeat.run(self._stop)),
-            loop.create_task(self.sweeper.run(self._stop)),
-            loop.create_task(self.registry.run(self._stop)),
+            loop.create_task(self.heartbeat.run(self._background_stop)),
+            loop.create_task(self.sweeper.run(self._background_stop)),
+            loop.create_task(self.registry.run(self._background_stop)),
         ]
         processor = loop.create_task(self.processor.run())
+        if on_started is not None:
+            on_started()
         try:
             await self._stop.wait()
         finally:
@@ -109,12 +126,16 @@ class Server:
         except (QsyncError, asyncio.CancelledError):
             pass
         await self._finish_running()
-        self._stop.set()
+        self._background_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
+        await self._release()
+        log.info("qsync server %s stopped: %s", self.registry.server_id, self.stats)
+
+    async def _release(self) -> None:
+        """Close the listener connections and the handler threads; mark the server stopped."""
         await self.waker.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
-        log.info("qsync server %s stopped: %s", self.registry.server_id, self.stats)
 
     async def _finish_running(self) -> None:
         """Let running jobs finish within the grace period; hand the rest back at once."""
@@ -160,7 +181,8 @@ def _listener_client(client: Any, block_s: float) -> Any:
     if isinstance(client, aioredis.Redis):
         pool = client.connection_pool
         kwargs = {**pool.connection_kwargs, "socket_timeout": block_s + 5}
-        return aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+        # from_pool: the client owns the pool, so closing the client closes its connections.
+        return aioredis.Redis.from_pool(
+            aioredis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
         )
     return client
