@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast test-cluster chaos lint format unasync bench demo clean
+.PHONY: help install test test-fast test-cluster chaos lint format unasync bench bench-micro demo clean
 
 help:
 	@echo "make demo        run a producer and a worker fleet end to end against Redis"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-fast   unit and Lua-on-fakeredis tests (seconds)"
 	@echo "make lint        ruff, mypy --strict, unasync check"
 	@echo "make bench       benchmarks against the Redis ceiling measured in the same run"
+	@echo "make bench-micro pytest-benchmark of each script call and of the sans-I/O core"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +49,9 @@ unasync: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+bench-micro: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks/test_micro.py --benchmark-columns=median,iqr,ops --benchmark-sort=name
 
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py

@@ -1,0 +1,568 @@
+"""``make bench``: qsync's speed and cost, each figure next to a ceiling measured in the same run.
+
+It starts its own redis-server (never a Redis it did not start), then measures:
+
+- the Redis ceiling: ``redis-benchmark`` with plain LPUSH/RPOP and with qsync's enqueue script
+  (EVALSHA), at ``-P 1`` and ``-P 16``;
+- enqueue: single ``Queue.enqueue`` against ``redis-benchmark -c 1 -P 1`` with the same script,
+  and ``enqueue_many`` against a bare loop sending the same pre-built 1,000-task script calls;
+- drain: the full worker server (1 and 2 processes, no-op async handler) against a bare asyncio
+  loop that only leases, runs a no-op coroutine and acks (``bare_loop.py``), and Redis CPU per
+  task;
+- latency from ``enqueue`` to handler start, idle and under a 5,000 tasks/s background load;
+- memory per pending task in Redis (beyond its payload) and worker RSS growth;
+- growth: lease+ack and promote cost per task with 10k and with 1M tasks waiting.
+
+Medians of repeated runs where a figure is cheap to repeat. It prints one table and writes
+JSON to ``benchmarks/results/`` (compared with the previous run when there is one). The
+machine is shared and noisy: trust ratios measured in the same run over absolute figures.
+
+Usage: ``python benchmarks/run.py [--quick] [--only NAME ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+import qsync
+from qsync import _ops
+from qsync._scripts import script
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+console = Console(width=150)
+
+
+# --- the Redis under test -------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server on a free port in a temporary folder, removed by :meth:`close`."""
+
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("bench: redis-server is not on PATH (install Redis >= 7)")
+        self.folder = tempfile.mkdtemp(prefix="qsync-bench-")
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.folder,
+             "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("bench: the private redis-server did not start") from None
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One figure: its value, the ceiling it is compared with and the target."""
+
+    group: str
+    name: str
+    value: float
+    unit: str
+    ceiling_name: str = ""
+    ceiling: float | None = None
+    target: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ceiling is None or self.ceiling == 0:
+            return None
+        return self.value / self.ceiling
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        ratio = f"  ({row.ratio:.2f}x {row.ceiling_name})" if row.ratio is not None else ""
+        console.print(f"  {row.name}: [bold]{_fmt(row.value)}[/] {row.unit}{ratio}")
+        return row
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def workers(bench: PrivateRedis, prefix: str, count: int, concurrency: int) -> Iterator[list[int]]:
+    """``count`` ``qsync worker`` processes on the bench app; yields their pids once every one
+    has registered, stops them with SIGTERM at the end."""
+    env = {**os.environ, "QSYNC_REDIS_URL": bench.url, "QSYNC_PREFIX": prefix, "PYTHONPATH": str(HERE)}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qsync",
+                "worker",
+                "bench_app:mux",
+                "--concurrency",
+                str(concurrency),
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+            cwd=HERE,
+        )  # fmt: skip
+        for _ in range(count)
+    ]
+    try:
+        index = "{" + prefix + "}:servers"
+        _wait(lambda: bench.client.zcard(index) >= count, "the workers to register", 30)
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _wait(predicate: Callable[[], Any], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
+# --- producers ----------------------------------------------------------------------------------
+
+
+def _tasks(count: int, payload: bytes = b"x" * 16, kind: str = "bench:noop") -> list[qsync.Task]:
+    return [qsync.Task(kind, payload) for _ in range(count)]
+
+
+def fill(queue: qsync.Queue, count: int, name: str = "default") -> None:
+    """Enqueue ``count`` no-op tasks in 10,000-task calls."""
+    for start in range(0, count, 10_000):
+        queue.enqueue_many(_tasks(min(10_000, count - start)), queue=name)
+
+
+def drained(client: redis.Redis, queue: qsync.Queue, name: str = "default") -> bool:
+    keys = queue.keys(name)
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(keys.pending)
+    pipe.zcard(keys.active)
+    pending, active = pipe.execute()
+    return int(pending) == 0 and int(active) == 0
+
+
+# --- the measurements ------------------------------------------------------------------------
+
+
+def redis_benchmark(bench: PrivateRedis, *command: str, pipeline: int, requests: int) -> float:
+    """Requests per second that ``redis-benchmark -c 1`` reaches with ``command``."""
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(bench.port), "-c", "1", "-P", str(pipeline), "-n", str(requests),
+         "-r", "100000000", "--csv", *command],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if len(cells) > 1 and cells[0] != "test":
+            return float(cells[1])
+    raise SystemExit(f"bench: cannot read redis-benchmark's output: {out!r}")
+
+
+def enqueue_command(queue: qsync.Queue) -> list[str]:
+    """qsync's enqueue EVALSHA for one 16-byte task, with a random id per request."""
+    task = qsync.Task("bench:noop", b"x" * 16)
+    call = _ops.enqueue_many(queue.keys("ceiling"), [task])[0]
+    words = [a.decode() if isinstance(a, bytes) else str(a) for a in call.command()]
+    return [w.replace(task.id, "__rand_int__") for w in words]
+
+
+def measure_ceiling(bench: PrivateRedis, report: Report, quick: bool) -> dict[str, float]:
+    console.rule("Redis ceiling (redis-benchmark, one connection)")
+    n = 50_000 if quick else 200_000
+    queue = qsync.new(bench.client, prefix="ceiling")
+    bench.client.script_load(script("enqueue").source)
+    evalsha = enqueue_command(queue)
+    found: dict[str, float] = {}
+    for label, command in (("LPUSH", ["LPUSH", "ceiling:list", "x" * 16]), ("RPOP", ["RPOP", "ceiling:list"]),
+                           ("EVALSHA enqueue", evalsha)):  # fmt: skip
+        for pipeline in (1, 16):
+            runs = [redis_benchmark(bench, *command, pipeline=pipeline, requests=n) for _ in range(3)]
+            rate = _median(runs)
+            found[f"{label} -P {pipeline}"] = rate
+            report.add(Row("ceiling", f"{label} -P {pipeline}", rate, "req/s"))
+    _delete_prefix(bench.client, "ceiling")
+    bench.client.delete("ceiling:list")
+    return found
+
+
+def measure_enqueue(bench: PrivateRedis, report: Report, ceiling: dict[str, float], quick: bool) -> None:
+    console.rule("Enqueue (one producer)")
+    prefix = f"enq-{uuid.uuid4().hex[:6]}"
+    queue = qsync.new(bench.client, prefix=prefix)
+    single_n = 3_000 if quick else 10_000
+    samples = []
+    for _ in range(3):
+        tasks = _tasks(single_n)
+        started = time.perf_counter()
+        for task in tasks:
+            queue.enqueue(task)
+        samples.append(single_n / (time.perf_counter() - started))
+    report.add(Row("enqueue", "enqueue (single)", _median(samples), "tasks/s",
+                   "redis-benchmark EVALSHA -P 1", ceiling["EVALSHA enqueue -P 1"], ">= 0.60x"))  # fmt: skip
+    _delete_prefix(bench.client, prefix)
+
+    batch_n = 50_000 if quick else 100_000
+    bare, full = [], []
+    for _ in range(3):
+        tasks = _tasks(batch_n)
+        commands = [c.command() for c in _ops.enqueue_many(queue.keys("bare"), tasks)]
+        started = time.perf_counter()
+        for command in commands:
+            bench.client.execute_command(*command)
+        bare.append(batch_n / (time.perf_counter() - started))
+        tasks = _tasks(batch_n)
+        started = time.perf_counter()
+        for i in range(0, batch_n, 1000):
+            queue.enqueue_many(tasks[i : i + 1000])
+        full.append(batch_n / (time.perf_counter() - started))
+        _delete_prefix(bench.client, prefix)
+    report.add(Row("enqueue", "enqueue_many (1,000 per call)", _median(full), "tasks/s",
+                   "bare loop of the same script calls", _median(bare), ">= 70,000/s"))  # fmt: skip
+
+
+def measure_memory(bench: PrivateRedis, report: Report, quick: bool) -> None:
+    console.rule("Redis memory per pending task")
+    prefix = f"mem-{uuid.uuid4().hex[:6]}"
+    queue = qsync.new(bench.client, prefix=prefix)
+    n, payload = (20_000 if quick else 100_000), 16
+    queue.enqueue(qsync.Task("bench:noop", b"x" * payload))  # the queue's own keys exist first
+    before = int(bench.client.info("memory")["used_memory"])
+    fill(queue, n)
+    after = int(bench.client.info("memory")["used_memory"])
+    keys = queue.keys("default")
+    sample_id = bench.client.lindex(keys.pending, 0)
+    assert sample_id is not None
+    hash_usage = int(bench.client.memory_usage(keys.task(sample_id.decode())) or 0)
+    report.add(Row("cost", "Redis memory per pending task beyond payload", (after - before) / n - payload,
+                   "bytes", target="<= 250"))  # fmt: skip
+    report.add(Row("cost", "  of which the task hash (MEMORY USAGE)", hash_usage - payload, "bytes"))
+    _delete_prefix(bench.client, prefix)
+
+
+def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
+    console.rule("Drain (no-op handler)")
+    n = 30_000 if quick else 100_000
+    prefix = f"drain-{uuid.uuid4().hex[:6]}"
+    queue = qsync.new(bench.client, prefix=prefix)
+    bare: list[float] = []
+    for _ in range(3):
+        fill(queue, n)
+        out = subprocess.run(
+            [sys.executable, str(HERE / "bare_loop.py"), bench.url, prefix, "default", "500"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        done, elapsed = out.split()
+        assert int(done) == n, f"the bare loop acked {done} of {n}"
+        bare.append(n / float(elapsed))
+    bare_rate = _median(bare)
+    report.add(Row("drain", "bare asyncio loop (lease 500, no-op, ack)", bare_rate, "tasks/s"))
+
+    for processes in (1, 2):
+        rates: list[float] = []
+        cpu_per_task: list[float] = []
+        for _ in range(2 if quick else 3):
+            fill(queue, n)
+            queue.pause("default")
+            with workers(bench, prefix, processes, concurrency=500):
+                cpu_before = _redis_cpu(bench.client)
+                started = time.perf_counter()
+                queue.resume("default")
+                _wait(lambda: drained(bench.client, queue), "the queue to drain", 300)
+                rates.append(n / (time.perf_counter() - started))
+                cpu_per_task.append((_redis_cpu(bench.client) - cpu_before) / n * 1e6)
+        name = f"server, {processes} worker process{'es' if processes > 1 else ''} (concurrency 500)"
+        target = ">= 30,000/s and >= 0.67x" if processes == 1 else "> 1 process"
+        report.add(Row("drain", name, _median(rates), "tasks/s", "bare loop", bare_rate, target))
+        report.add(Row("drain", f"  Redis CPU per task ({processes} process)", _median(cpu_per_task), "µs"))
+    _delete_prefix(bench.client, prefix)
+
+
+def _latencies(bench: PrivateRedis, queue: qsync.Queue, prefix: str, probes: int) -> list[float]:
+    key = "{" + prefix + ":bench}:latency"
+    bench.client.delete(key)
+    out: list[float] = []
+    for _ in range(probes):
+        queue.enqueue(qsync.Task("bench:probe", repr(time.time()).encode()))
+        reply = bench.client.blpop([key], timeout=10)
+        if reply is None:
+            raise SystemExit("bench: a probe task was not picked up within 10 s")
+        out.append(float(reply[1]) * 1000)
+        time.sleep(0.002)  # let the worker go idle again
+    return out
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure_latency(bench: PrivateRedis, report: Report, quick: bool) -> None:
+    console.rule("Latency: enqueue to handler start (one worker process)")
+    prefix = f"lat-{uuid.uuid4().hex[:6]}"
+    queue = qsync.new(bench.client, prefix=prefix)
+    probes = 200 if quick else 1000
+    with workers(bench, prefix, 1, concurrency=100):
+        _latencies(bench, queue, prefix, 20)  # warm up
+        idle = _latencies(bench, queue, prefix, probes)
+        report.add(Row("latency", "idle p50", _percentile(idle, 0.5), "ms", target="<= 0.5"))
+        report.add(Row("latency", "idle p99", _percentile(idle, 0.99), "ms", target="<= 2"))
+
+        stop = threading.Event()
+        sent = [0]
+
+        def background() -> None:
+            producer = qsync.new(redis.Redis(port=bench.port), prefix=prefix)
+            start = time.perf_counter()
+            while not stop.is_set():
+                producer.enqueue_many(_tasks(50))
+                sent[0] += 50
+                ahead = sent[0] / 5000 - (time.perf_counter() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+        thread = threading.Thread(target=background, daemon=True)
+        started = time.perf_counter()
+        thread.start()
+        loaded = _latencies(bench, queue, prefix, probes)
+        stop.set()
+        thread.join()
+        rate = sent[0] / (time.perf_counter() - started)
+        load = f"({rate:,.0f} tasks/s background)"
+        report.add(Row("latency", f"loaded p50 {load}", _percentile(loaded, 0.5), "ms"))
+        report.add(Row("latency", f"loaded p99 {load}", _percentile(loaded, 0.99), "ms", target="<= 5"))
+        _wait(lambda: drained(bench.client, queue), "the background load to drain", 120)
+    _delete_prefix(bench.client, prefix)
+
+
+def measure_rss(bench: PrivateRedis, report: Report, quick: bool) -> None:
+    total = 300_000 if quick else 1_000_000
+    console.rule(f"Worker RSS from 100k to {total // 1000}k processed tasks")
+    prefix = f"rss-{uuid.uuid4().hex[:6]}"
+    queue = qsync.new(bench.client, prefix=prefix)
+    keys = queue.keys("default")
+    with workers(bench, prefix, 1, concurrency=500) as pids:
+        fill(queue, 100_000)
+        _wait(lambda: drained(bench.client, queue), "100k tasks to drain", 300)
+        at_100k = _rss_kib(pids[0])
+        for _ in range(100_000, total, 100_000):
+            fill(queue, 100_000)
+            # Keep at most 200k waiting, so Redis memory stays modest.
+            _wait(lambda: bench.client.llen(keys.pending) < 100_000, "the worker to keep up", 300)
+        _wait(lambda: drained(bench.client, queue), "the rest to drain", 300)
+        at_end = _rss_kib(pids[0])
+    report.add(Row("cost", "worker RSS at 100k processed", at_100k / 1024, "MiB"))
+    report.add(Row("cost", f"worker RSS at {total // 1000}k processed", at_end / 1024, "MiB",
+                   "RSS at 100k", at_100k / 1024, "<= 1.10x"))  # fmt: skip
+    _delete_prefix(bench.client, prefix)
+
+
+def _lease_ack_us(queue: qsync.Queue, count: int) -> float:
+    """Microseconds per task to lease and ack ``count`` tasks in batches of 500."""
+    started = time.perf_counter()
+    done = 0
+    while done < count:
+        batch = queue.lease("default", count=min(500, count - done), lease_duration=60)
+        queue.ack("default", batch.tasks)
+        done += len(batch.tasks)
+    return (time.perf_counter() - started) / count * 1e6
+
+
+def _promote_us(bench: PrivateRedis, queue: qsync.Queue, waiting: int, due: int) -> float:
+    """Microseconds per task to promote ``due`` tasks from a scheduled set of ``waiting``."""
+    keys = queue.keys("default")
+    far = [qsync.Task("bench:noop", b"x" * 16, delay=3600) for _ in range(waiting - due)]
+    for i in range(0, len(far), 10_000):
+        queue.enqueue_many(far[i : i + 10_000])
+    soon = [qsync.Task("bench:noop", b"x" * 16, delay=0.001) for _ in range(due)]
+    queue.enqueue_many(soon)
+    time.sleep(0.01)  # the due tasks' time (1 ms ahead, Redis clock) has passed
+    started = time.perf_counter()
+    moved = 0
+    while moved < due:
+        moved += queue.promote("default", limit=1000).promoted
+    elapsed = time.perf_counter() - started
+    assert bench.client.zcard(keys.scheduled) == waiting - due
+    return elapsed / due * 1e6
+
+
+def measure_growth(bench: PrivateRedis, report: Report, quick: bool) -> None:
+    big = 300_000 if quick else 1_000_000
+    console.rule(f"Growth: cost per task with 10k and {big // 1000}k tasks waiting")
+    for label, measure in (("lease+ack", "lease"), ("promote", "promote")):
+        results = {}
+        for waiting in (10_000, big):
+            prefix = f"grow-{uuid.uuid4().hex[:6]}"
+            queue = qsync.new(bench.client, prefix=prefix)
+            if measure == "lease":
+                fill(queue, waiting)
+                results[waiting] = _median([_lease_ack_us(queue, 3000) for _ in range(3)])
+            else:
+                results[waiting] = _promote_us(bench, queue, waiting, 5000)
+            _delete_prefix(bench.client, prefix)
+        report.add(Row("growth", f"{label} per task, 10k waiting", results[10_000], "µs"))
+        report.add(Row("growth", f"{label} per task, {big // 1000}k waiting", results[big], "µs",
+                       "10k waiting", results[10_000], "~1.0x"))  # fmt: skip
+
+
+def _delete_prefix(client: redis.Redis, prefix: str) -> None:
+    """Delete every key of a prefix (the benchmark's own Redis only)."""
+    batch: list[bytes] = []
+    for key in client.scan_iter(match="{" + prefix + "*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+
+def print_table(report: Report, previous: dict[str, Any] | None) -> None:
+    old = {(r["group"], r["name"]): r["value"] for r in previous["rows"]} if previous else {}
+    table = Table(title="qsync benchmark (medians; ratios against ceilings measured in this run)")
+    for column in ("group", "figure", "value", "unit", "ratio", "against", "target", "previous run"):
+        table.add_column(column, justify="right" if column in ("value", "ratio", "previous run") else "left")
+    for row in report.rows:
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+        before = old.get((row.group, row.name))
+        table.add_row(row.group, row.name, _fmt(row.value), row.unit, ratio, row.ceiling_name, row.target,
+                      _fmt(before) if before is not None else "")  # fmt: skip
+    console.print(table)
+
+
+SECTIONS = ("ceiling", "enqueue", "memory", "drain", "latency", "rss", "growth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a rough figure in ~1 minute)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    args = parser.parse_args(argv)
+    sections = args.only or list(SECTIONS)
+    bench = PrivateRedis()
+    report = Report()
+    started = time.time()
+    try:
+        ceiling: dict[str, float] = {}
+        if "ceiling" in sections or "enqueue" in sections:
+            ceiling = measure_ceiling(bench, report, args.quick)
+        if "enqueue" in sections:
+            measure_enqueue(bench, report, ceiling, args.quick)
+        if "memory" in sections:
+            measure_memory(bench, report, args.quick)
+        if "drain" in sections:
+            measure_drain(bench, report, args.quick)
+        if "latency" in sections:
+            measure_latency(bench, report, args.quick)
+        if "rss" in sections:
+            measure_rss(bench, report, args.quick)
+        if "growth" in sections:
+            measure_growth(bench, report, args.quick)
+    finally:
+        bench.close()
+    RESULTS.mkdir(exist_ok=True)
+    runs = sorted(RESULTS.glob("run-*.json"))
+    previous = json.loads(runs[-1].read_text()) if runs else None
+    print_table(report, previous)
+    record = {
+        "started": started, "seconds": time.time() - started, "quick": args.quick,
+        "python": sys.version.split()[0], "redis": _redis_version(), "cpus": os.cpu_count(),
+        "rows": [{**asdict(r), "ratio": r.ratio} for r in report.rows],
+    }  # fmt: skip
+    path = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json", time.gmtime(started))
+    path.write_text(json.dumps(record, indent=1))
+    console.print(f"written {path.relative_to(HERE.parent)} ({record['seconds']:.0f} s)")
+    return 0
+
+
+def _redis_version() -> str:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    return out.split("v=")[1].split()[0] if "v=" in out else out.strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
