@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException
 
 from ._ops import Call
-from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls
+from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, pack
 
 __all__ = ["AsyncTransport"]
 
@@ -78,7 +78,7 @@ class AsyncTransport:
 
 async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     try:
-        await conn.send_packed_command(conn.pack_commands(exchange.commands), check_health=False)
+        await conn.send_packed_command([pack(exchange.commands)], check_health=False)
         replies: list[Any] = []
         for _ in exchange.commands:
             try:
