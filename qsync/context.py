@@ -16,15 +16,16 @@ class Context:
         task_id: the task's id.
         queue: the queue it was leased from.
         deadline: when this attempt will be cancelled (the earlier of start + timeout and the
-            task's deadline), as a timezone-aware UTC datetime.
+            task's deadline), as a timezone-aware UTC datetime (a property).
     """
 
     __slots__ = (
         "_cancelled",
         "_deadline_monotonic",
+        "_deadline_wall",
+        "_event",
         "_lease_expiry",
         "_reason",
-        "deadline",
         "queue",
         "task_id",
     )
@@ -33,10 +34,17 @@ class Context:
         self.task_id = task_id
         self.queue = queue
         self._deadline_monotonic = time.monotonic() + timeout_s
-        self.deadline = datetime.fromtimestamp(time.time() + timeout_s, UTC)
+        self._deadline_wall = time.time() + timeout_s
         self._lease_expiry = 0.0
-        self._cancelled = threading.Event()
+        self._cancelled = False
+        # Made only for a handler that waits on it: most attempts never need a threading.Event.
+        self._event: threading.Event | None = None
         self._reason = ""
+
+    @property
+    def deadline(self) -> datetime:
+        """When this attempt will be cancelled, as a timezone-aware UTC datetime."""
+        return datetime.fromtimestamp(self._deadline_wall, UTC)
 
     def remaining(self) -> float:
         """Seconds left before this attempt is cancelled (never negative)."""
@@ -49,11 +57,17 @@ class Context:
     def is_cancelled(self) -> bool:
         """True once the attempt must stop (timeout, deadline, lost lease or shutdown). A sync
         handler should poll this in long loops: a thread cannot be interrupted from outside."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Block up to ``timeout`` seconds until cancelled (a sync handler's interruptible sleep)."""
-        return self._cancelled.wait(timeout)
+        with _EVENT_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._cancelled:
+                    self._event.set()
+            event = self._event
+        return event.wait(timeout)
 
     @property
     def cancel_reason(self) -> str:
@@ -61,6 +75,15 @@ class Context:
         return self._reason
 
     def _cancel(self, reason: str) -> None:
-        if not self._cancelled.is_set():
+        with _EVENT_LOCK:
+            if self._cancelled:
+                return
             self._reason = reason
-            self._cancelled.set()
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
+
+
+# Guards the lazy creation of a context's event against a concurrent cancel (handler thread
+# vs event loop); taken only when a handler waits or an attempt is cancelled.
+_EVENT_LOCK = threading.Lock()

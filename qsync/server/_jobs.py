@@ -32,6 +32,7 @@ class Job:
     runner: asyncio.Task[None] | None = None
     outcome: Outcome | None = None
     abandoned: str = ""  # why the result is no longer ours to commit (lost lease, shutdown)
+    timed_out: bool = False  # the attempt's timeout (or the task's deadline) cancelled it
     commit_attempts: int = field(default=0)
 
     @property
