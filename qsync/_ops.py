@@ -178,9 +178,17 @@ def info(keys: QueueKeys, task_id: str) -> Call[TaskInfo]:
 
 
 def pause(keys: QueueKeys, paused: bool) -> Call[None]:
-    """Pause (workers lease nothing) or resume a queue."""
-    command = ("SET", keys.paused, "1") if paused else ("DEL", keys.paused)
-    return Call("pause", keys.queue, (keys.paused,), command, lambda _: None, None, True)
+    """Pause (workers lease nothing) or resume a queue (and wake idle workers if tasks wait)."""
+    if paused:
+        command = ("SET", keys.paused, "1")
+        return Call("pause", keys.queue, (keys.paused,), command, lambda _: None, None, True)
+
+    def decode(reply: Any) -> None:
+        if isinstance(reply, list):
+            _check_whole(reply, "resume", keys.queue)
+
+    call_keys = (keys.paused, keys.pending, keys.wake)
+    return _script_call("resume", keys, call_keys, (), decode, idempotent=True)
 
 
 # --- worker side -----------------------------------------------------------------------------

@@ -793,8 +793,29 @@ def test_scripts_that_make_work_ready_push_a_wake_token(redis_server: RedisServe
         client.delete(wake)
         wait_until(lambda: queue.promote("default").promoted, "the delayed task to be due")
         assert client.llen(wake) == 1, "promote must push a wake-up token"
+
+        queue.pause("default")
+        client.delete(wake)
+        queue.resume("default")
+        assert client.llen(wake) == 1, "resume of a queue with pending tasks must push a wake-up token"
+        client.delete(queue.keys("default").pending, wake)
+        queue.pause("default")
+        queue.resume("default")
+        assert client.llen(wake) == 0, "resume of an empty queue has nothing to wake workers for"
     finally:
         client.close()
+
+
+def test_resume_wakes_an_idle_server_at_once(sync_worker: Worker) -> None:
+    ran = threading.Event()
+    # A poll interval far beyond the wait below: the task runs only if resume wakes the server.
+    sync_worker.queue.pause("default")
+    sync_worker.start(lambda ctx, task: ran.set(), poll_interval=60)
+    sync_worker.queue.enqueue(Task("after-resume"))
+    wait_until(lambda: _blocked_listeners(sync_worker.client) >= 1, "the server to be idle")
+    assert not ran.is_set(), "a paused queue must not be leased from"
+    sync_worker.queue.resume("default")
+    wait_event(ran, "the handler to start after resume", timeout=10)
 
 
 def test_idle_wake_up_latency(sync_worker: Worker) -> None:
