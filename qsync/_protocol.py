@@ -184,6 +184,14 @@ def _absorb(
                 results[i] = call.decode(reply)
             except QsyncError as exc:
                 results[i] = exc
+            except (ValueError, TypeError, OverflowError, OSError, IndexError, KeyError) as exc:
+                # Data qsync cannot read (damaged, or written by a newer version): this call's
+                # error, never an exception that would lose the other calls' results. The
+                # exception's text is left out: it may quote payload bytes.
+                results[i] = ScriptError(
+                    f"{call.op} on queue {call.queue!r}: cannot read Redis's reply "
+                    f"({type(exc).__name__}); the task's data is damaged or from a newer qsync"
+                )
     return again, loads, reroute
 
 

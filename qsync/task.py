@@ -162,7 +162,12 @@ class Task:
 
 
 def _ms_to_datetime(ms: int | None) -> datetime | None:
-    return None if not ms else datetime.fromtimestamp(ms / 1000, UTC)
+    if not ms:
+        return None
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):  # out of datetime's range: a damaged field
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
