@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from . import _scripts
 from ._keys import QueueKeys, registry_key
 from .errors import Code, QsyncError, TaskNotFound, error_for
-from .task import Task, TaskInfo, TaskState
+from .task import Task, TaskInfo, TaskState, _ms_to_datetime
 
 __all__ = [
     "TASK_FORMAT_VERSION",
@@ -138,17 +139,22 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
 
 
 def _enqueued_info(queue: str, task: Task, state: str, now_ms: int) -> TaskInfo:
+    """The TaskInfo of a task just enqueued, from what the client sent (no read-back)."""
     o = task.options
-    fields: dict[bytes, bytes] = {
-        b"state": state.encode(), b"type": task.type.encode(), b"payload": task.payload,
-        b"max_retry": str(o.max_retry).encode(), b"created": str(now_ms).encode(),
-        b"timeout": str(o.timeout_ms).encode(), b"deadline": str(o.deadline_ms).encode(),
-        b"retention": str(o.retention_ms).encode(),
-    }  # fmt: skip
-    if o.unique_key is not None:
-        fields[b"unique"] = ("{" + queue + "}:u:" + o.unique_key).encode()
     due = o.process_at_ms or (now_ms + o.delay_ms if o.delay_ms else 0)
-    return TaskInfo.from_hash(task.id, queue, fields, due if state == TaskState.SCHEDULED else -1)
+    task_state = _STATES.get(state) or TaskState(state)
+    return TaskInfo(
+        id=task.id, queue=queue, state=task_state, type=task.type, payload=task.payload,
+        max_retry=o.max_retry, timeout=timedelta(milliseconds=o.timeout_ms) if o.timeout_ms else None,
+        deadline=_ms_to_datetime(o.deadline_ms),
+        retention=timedelta(milliseconds=o.retention_ms) if o.retention_ms else None,
+        created_at=_ms_to_datetime(now_ms),
+        next_process_at=_ms_to_datetime(due) if task_state is TaskState.SCHEDULED else None,
+        unique_key=o.unique_key,
+    )  # fmt: skip
+
+
+_STATES = {s.value: s for s in TaskState}
 
 
 def register_queue(prefix: str, queue: str) -> Call[None]:
