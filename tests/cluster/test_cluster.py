@@ -289,8 +289,9 @@ def test_full_life_on_twenty_queues(cluster_queue: Callable[[], Any], nodes: Nod
 
 
 def _round(q: Any, queue: str, n: int) -> None:
-    """Every script once, leaving the queue empty: enqueue_many, lease, extend, requeue, fail,
-    promote, recover, info, ack, trim."""
+    """Every script once, leaving the queue empty: resume, enqueue_many, lease, extend, requeue,
+    fail, promote, recover, info, ack, trim."""
+    q.resume(queue)
     results = q.enqueue_many([qsync.Task("job", b"%d" % i) for i in range(n)], queue=queue)
     assert all(isinstance(r, qsync.TaskInfo) for r in results), results[:3]
     leased = _lease_all(q, queue, n)
