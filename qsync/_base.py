@@ -9,7 +9,7 @@ from typing import Any
 
 from . import _ops
 from . import _validate as check
-from ._keys import QueueKeys, keys_for, registry_key, validate_name
+from ._keys import QueueKeys, keys_for, registry_key, validate_prefix
 from ._ops import Call, Failure, HasLease
 from .errors import ClientClosed, ConfigurationError, InvalidArgumentType, PayloadTooLarge, QsyncError
 from .task import Seconds, Task, TaskInfo, TaskState
@@ -34,7 +34,7 @@ class QueueBase:
     """Configuration and call building shared by both queue classes."""
 
     def __init__(self, *, prefix: str, max_payload_bytes: int, check_server: bool) -> None:
-        self.prefix: str = validate_name(prefix, "prefix", 64)
+        self.prefix: str = validate_prefix(prefix)
         self.max_payload_bytes: int = check.count(
             max_payload_bytes, "max_payload_bytes", low=1, high=HARD_MAX_PAYLOAD
         )
@@ -56,7 +56,12 @@ class QueueBase:
         keys = self.keys(queue)
         if isinstance(tasks, Task):
             raise InvalidArgumentType("enqueue_many takes a list of tasks; use enqueue() for one task")
-        batch = list(tasks)
+        try:
+            batch = list(tasks)
+        except TypeError:
+            raise InvalidArgumentType(
+                f"enqueue_many takes a list of tasks, not {type(tasks).__name__}"
+            ) from None
         for task in batch:
             if not isinstance(task, Task):
                 raise InvalidArgumentType(f"expected qsync.Task, got {type(task).__name__}")
@@ -111,7 +116,13 @@ class QueueBase:
         return _ops.lease(self.keys(queue), n, check.duration_ms(lease_duration, "lease_duration"))
 
     def _fail_call(self, queue: str, failures: Sequence[Failure]) -> Call[list[TaskState | None]]:
-        return _ops.fail(self.keys(queue), _leases(failures, Failure))
+        checked = _leases(failures, Failure)
+        for f in checked:
+            if not isinstance(f.error, str):
+                raise InvalidArgumentType(f"Failure.error must be a str, not {type(f.error).__name__}")
+            if f.retry_delay_ms is not None:
+                check.count(f.retry_delay_ms, "Failure.retry_delay_ms", low=0, high=check.MAX_DURATION_MS)
+        return _ops.fail(self.keys(queue), checked)
 
     def _leases(self, leases: Sequence[HasLease]) -> Sequence[HasLease]:
         return _leases(leases, None)

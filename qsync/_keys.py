@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from .errors import InvalidArgumentType, InvalidName
 
-__all__ = ["QueueKeys", "keys_for", "registry_key", "validate_name"]
+__all__ = ["QueueKeys", "keys_for", "registry_key", "validate_name", "validate_prefix"]
 
 MAX_QUEUE_NAME = 128
 MAX_PREFIX = 64
@@ -27,7 +27,7 @@ def validate_name(value: object, what: str, max_bytes: int) -> str:
         raise InvalidArgumentType(f"{what} must be a str, not {type(value).__name__}")
     if not value:
         raise InvalidName(f"{what} must not be empty")
-    if not _NAME.fullmatch(value):
+    if not _NAME.fullmatch(value) or not value.isprintable():
         raise InvalidName(
             f"{what} {value!r} is not allowed: use printable characters without whitespace or braces "
             "({ and } would break the Redis Cluster hash tag)"
@@ -69,9 +69,22 @@ class QueueKeys:
 
 
 @lru_cache(maxsize=1024)
+def validate_prefix(value: object) -> str:
+    """A usable key prefix: a name without ":", which separates it from the queue name in
+    the hash tag (else prefix "a:b" with queue "c" and prefix "a" with queue "b:c" would share
+    every key)."""
+    prefix = validate_name(value, "prefix", MAX_PREFIX)
+    if ":" in prefix:
+        raise InvalidName(
+            f"prefix {prefix!r} must not contain ':' (it separates the prefix from the queue name "
+            "in every key); use '-', '_' or '.' instead"
+        )
+    return prefix
+
+
 def keys_for(prefix: str, queue: str) -> QueueKeys:
     """The keys of ``queue`` under ``prefix`` (both validated)."""
-    validate_name(prefix, "prefix", MAX_PREFIX)
+    validate_prefix(prefix)
     validate_name(queue, "queue name", MAX_QUEUE_NAME)
     tag = "{" + prefix + ":" + queue + "}"
     return QueueKeys(

@@ -15,12 +15,13 @@ import redis
 from . import _ops
 from . import _validate as check
 from ._base import DEFAULT_MAX_PAYLOAD, DEFAULT_QUEUE, QueueBase
+from ._keys import validate_name
 from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverResult, TrimResult
 from ._protocol import raise_first
 from ._transport import SyncTransport
 from .errors import InvalidArgumentType, QsyncError
 from .server.api import SyncServing
-from .task import Seconds, Task, TaskInfo, TaskState
+from .task import MAX_ID_BYTES, Seconds, Task, TaskInfo, TaskState
 
 __all__ = ["Queue"]
 
@@ -109,7 +110,7 @@ class Queue(QueueBase, SyncServing):
         Raises:
             TaskNotFound: no such task (never enqueued, or finished and not retained).
         """
-        return self._one(_ops.info(self.keys(queue), check.printable_text(task_id, "task_id", 128)))
+        return self._one(_ops.info(self.keys(queue), validate_name(task_id, "task_id", MAX_ID_BYTES)))
 
     def pause(self, queue: str) -> None:
         """Pause ``queue``: workers lease nothing from it until :meth:`resume`."""

@@ -14,7 +14,8 @@
     │   ├── DuplicateTask                       a unique lock is held by another task
     │   ├── TaskNotFound
     │   ├── LeaseLost                           the lease was recovered or finished: no commit
-    │   └── CorruptState                        a qsync key holds another Redis type
+    │   ├── CorruptState                        a qsync key holds another Redis type
+    │   └── ScriptErrorTask                     an unknown reply code (a ScriptError as well)
     ├── RedisUnavailable                        Redis could not be reached or answered an error
     │   ├── NotApplied                          ... and the operation certainly did not happen
     │   │   └── NotEnqueued
@@ -54,6 +55,7 @@ __all__ = [
     "QsyncError",
     "RedisUnavailable",
     "ScriptError",
+    "ScriptErrorTask",
     "TaskError",
     "TaskIdConflict",
     "TaskNotFound",
