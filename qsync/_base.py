@@ -11,7 +11,15 @@ from . import _ops
 from . import _validate as check
 from ._keys import QueueKeys, keys_for, registry_key, validate_prefix
 from ._ops import Call, Failure, HasLease
-from .errors import ClientClosed, ConfigurationError, InvalidArgumentType, PayloadTooLarge, QsyncError
+from ._protocol import not_applied
+from .errors import (
+    ClientClosed,
+    ConfigurationError,
+    InvalidArgumentType,
+    NotApplied,
+    PayloadTooLarge,
+    QsyncError,
+)
 from .task import Seconds, Task, TaskInfo, TaskState
 
 __all__ = ["DEFAULT_QUEUE", "QueueBase"]
@@ -91,8 +99,14 @@ class QueueBase:
             Call("server check", "", (key,), ("INFO", "memory"), _parse_info),
         ]
 
-    def _apply_server_check(self, results: list[Any]) -> None:
+    def _apply_server_check(self, results: list[Any], calls: Sequence[Call[Any]]) -> list[Any] | None:
+        """Judge the server from the check's results. Returns None when the calls may go on,
+        or their results when Redis could not even be asked: each call then fails as surely
+        not applied (an enqueue with NotEnqueued), as it would have on its own. Raises
+        ConfigurationError for an unsafe server."""
         for r in results:
+            if isinstance(r, NotApplied):
+                return [not_applied(call, str(r).removeprefix("server check: ")) for call in calls]
             if isinstance(r, QsyncError):
                 raise r
         server, memory = results
@@ -110,6 +124,7 @@ class QueueBase:
                 "if you accept losing tasks"
             )
         self._server_checked = True
+        return None
 
     def _lease_call(self, queue: str, count: int, lease_duration: Seconds) -> Call[_ops.LeaseBatch]:
         n = check.count(count, "count", low=1, high=_ops.MAX_LEASE_BATCH)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -224,7 +224,7 @@ class LeasedTask:
     token: str
     queue: str
     type: str
-    payload: bytes
+    payload: bytes = field(repr=False)  # never in logs
     retried: int
     max_retry: int
     timeout_ms: int

@@ -31,7 +31,15 @@ from .errors import (
     ScriptError,
 )
 
-__all__ = ["REPLY_ERRORS", "ConnectFailed", "Exchange", "exchange_calls", "pack", "raise_first"]
+__all__ = [
+    "REPLY_ERRORS",
+    "ConnectFailed",
+    "Exchange",
+    "exchange_calls",
+    "not_applied",
+    "pack",
+    "raise_first",
+]
 
 # Replies that mean the command was refused before the script ran (or, for OOM, before its
 # first write: every qsync script writes last and its first write is checked for memory).
@@ -81,6 +89,11 @@ def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """The RESP bytes of ``commands``, packed by hiredis (redis-py's asyncio connection packs
     in Python, a tenth of a worker's time at full speed). Arguments are str (UTF-8), bytes or int."""
     return b"".join(map(hiredis.pack_command, commands))
+
+
+def not_applied(call: Call[Any], reason: str) -> QsyncError:
+    """The error of a call that surely did not happen (NotEnqueued for an enqueue)."""
+    return _failure(call, False, reason)
 
 
 def _failure(call: Call[Any], applied: bool | None, reason: str) -> QsyncError:

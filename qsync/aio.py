@@ -58,7 +58,9 @@ class AsyncQueue(QueueBase, AsyncServing):
         The worker server uses this to pipeline heartbeats and sweeps across queues."""
         self._check_open()
         if not self._server_checked:
-            self._apply_server_check(await self._transport.run(self._server_check_calls()))
+            refused = self._apply_server_check(await self._transport.run(self._server_check_calls()), calls)
+            if refused is not None:
+                return refused
         return await self._transport.run(calls)
 
     async def _one(self, call: Call[T]) -> T:
