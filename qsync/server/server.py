@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 
 from .. import _ops
+from .._protocol import raise_first
 from ..errors import InvalidArgumentType, QsyncError
 from ..mux import Handler, Mux
 from ._committer import Committer
@@ -95,7 +96,9 @@ class Server:
         keys = [self.queue.keys(q) for q in self.config.queues]
         try:
             # The first call of a queue also checks the server (version, eviction policy).
-            await self.queue.run_calls([_ops.register_queue(self.queue.prefix, k.queue) for k in keys])
+            raise_first(
+                await self.queue.run_calls([_ops.register_queue(self.queue.prefix, k.queue) for k in keys])
+            )
         except BaseException:
             await self._release()
             raise
