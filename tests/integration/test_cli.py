@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import redis
 import qsync
 from qsync import Task, TaskState
 from qsync.errors import TaskNotFound
+from tests.polling import wait_until
 from tests.redis_procs import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,17 +54,6 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith("qsync: "), lines[0]
     return lines[0]
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class WorkerProcess:

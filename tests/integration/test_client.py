@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -46,6 +45,7 @@ from qsync.errors import (
 )
 from tests.conftest import Driven
 from tests.integration.proxy import Proxy
+from tests.polling import wait_until
 from tests.redis_procs import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
@@ -54,18 +54,6 @@ _prefixes = itertools.count()
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def calls(r: redis.Redis) -> dict[str, int]:

@@ -31,23 +31,12 @@ import qsync
 from qsync import Context, LeasedTask, Mux, Task, TaskState
 from qsync.errors import InvalidArgument, TaskNotFound
 from qsync.mux import AsyncHandler
+from tests.polling import wait_until
 from tests.redis_procs import RedisServer
 
 FAST = {"lease_duration": 1, "poll_interval": 0.2}
 MEASURED: dict[str, Any] = {}
 _prefixes = itertools.count()
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def wait_event(event: threading.Event, what: str, timeout: float = 15.0) -> None:
