@@ -61,7 +61,7 @@ class Processor:
         self.running: dict[tuple[str, str], Job] = {}
         # Attempt timeouts, bucketed by TIMEOUT_TICK of loop time: one timer per bucket, not
         # per attempt (a batch leased together shares one), and O(1) to disarm.
-        self._timeouts: dict[int, set[Job]] = {}
+        self._timeouts: dict[int, tuple[set[Job], asyncio.TimerHandle]] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._empty_since: dict[str, float] = {}
@@ -181,17 +181,21 @@ class Processor:
             if job.abandoned:
                 self.settle(job, False)
                 return
-            if not job.timed_out:
-                raise
-            job.outcome = self._failure(job, exc, True)
+            runner = asyncio.current_task()
+            if job.timed_out:
+                if runner is not None:
+                    runner.uncancel()  # our own cancellation, handled here
+            elif runner is not None and runner.cancelling():
+                raise  # cancelled from outside: the event loop is going away
+            # else the handler raised CancelledError itself: an ordinary failed attempt.
+            job.outcome = self._failure(job, exc, job.timed_out)
         except BaseException as exc:  # noqa: B036 - every handler failure is an attempt's failure
             job.outcome = self._failure(job, exc, job.timed_out)
         else:
-            job.outcome = Outcome()
+            # A handler that swallowed its timeout's cancellation still ran out of time.
+            job.outcome = self._failure(job, TimeoutError(), True) if job.timed_out else Outcome()
         finally:
-            bucket = self._timeouts.get(tick)
-            if bucket is not None:
-                bucket.discard(job)
+            self._disarm_timeout(job, tick)
         if job.abandoned:
             self.settle(job, False)
             return
@@ -201,15 +205,23 @@ class Processor:
     def _arm_timeout(self, job: Job) -> int:
         loop = asyncio.get_running_loop()
         tick = math.ceil((loop.time() + job.timeout_s) / TIMEOUT_TICK)
-        bucket = self._timeouts.get(tick)
-        if bucket is None:
-            bucket = self._timeouts[tick] = set()
-            loop.call_at(tick * TIMEOUT_TICK, self._expire, tick)
-        bucket.add(job)
+        entry = self._timeouts.get(tick)
+        if entry is None:
+            entry = self._timeouts[tick] = (set(), loop.call_at(tick * TIMEOUT_TICK, self._expire, tick))
+        entry[0].add(job)
         return tick
 
+    def _disarm_timeout(self, job: Job, tick: int) -> None:
+        entry = self._timeouts.get(tick)
+        if entry is not None:
+            entry[0].discard(job)
+            if not entry[0]:  # the last attempt of this bucket finished: drop its timer too
+                entry[1].cancel()
+                del self._timeouts[tick]
+
     def _expire(self, tick: int) -> None:
-        for job in self._timeouts.pop(tick, ()):
+        jobs, _ = self._timeouts.pop(tick, (set(), None))
+        for job in jobs:
             _time_out(job)
 
     def _failure(self, job: Job, exc: BaseException, timed_out: bool) -> Outcome:
@@ -245,7 +257,9 @@ class Processor:
 
 
 def _time_out(job: Job) -> None:
-    """The attempt's time is up: cancel its handler (the runner reports the timeout)."""
+    """The attempt's time is up: tell the handler (its context first, so a handler or middleware
+    catching the cancellation sees why), then cancel it; the runner reports the timeout."""
     if job.runner is not None and not job.runner.done() and not job.abandoned:
         job.timed_out = True
+        job.ctx._cancel("deadline exceeded" if job.deadline_first else "timeout")
         job.runner.cancel()
