@@ -15,6 +15,7 @@ from ._protocol import not_applied
 from .errors import (
     ClientClosed,
     ConfigurationError,
+    InvalidArgument,
     InvalidArgumentType,
     NotApplied,
     PayloadTooLarge,
@@ -173,6 +174,8 @@ def _leases(items: Sequence[Any], kind: type | None) -> Sequence[Any]:
             getattr(item, "token", None), str
         ):
             raise InvalidArgumentType("each lease needs str attributes .id and .token")
+        if not (item.id.isprintable() and item.token.isprintable()):
+            raise InvalidArgument("a lease's .id and .token must be printable text, as lease() returns them")
     return items
 
 
