@@ -226,11 +226,9 @@ class Processor:
 
     def _failure(self, job: Job, exc: BaseException, timed_out: bool) -> Outcome:
         task = job.task
-        if timed_out:
+        if timed_out:  # the context was already told, by _time_out
             if job.deadline_first:
-                job.ctx._cancel("deadline exceeded")
                 return Outcome("DeadlineExceeded: the task's deadline passed", None)
-            job.ctx._cancel("timeout")
             exc = TaskTimeout(f"the attempt ran past its timeout of {job.timeout_s:g} s")
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if isinstance(exc, SkipRetry):
