@@ -41,7 +41,7 @@ for i = 1, #ARGV, 2 do
     rcall("ZREM", active_key, id)
     release_unique(f[2], id)
     if retention > 0 then
-      rcall("HSET", task_key, "state", "completed", "done_at", now)
+      rcall("HSET", task_key, "s", "completed", "done_at", now)
       rcall("HDEL", task_key, "token")
       rcall("PEXPIRE", task_key, retention)
       rcall("ZADD", completed_key, now + retention, id)

@@ -67,7 +67,7 @@ for i = 1, n do
 
   local task_type = key_type(task_key)
   if task_type == "hash" then
-    local existing = rcall("HMGET", task_key, "fp", "state")
+    local existing = rcall("HMGET", task_key, "f", "s")
     if existing[1] == fingerprint then
       code, detail = 2, existing[2] or ""
     else
@@ -97,8 +97,8 @@ for i = 1, n do
     end
     local state = due > now and "scheduled" or "pending"
     -- Only non-default options are stored: the hash is most of a task's memory.
-    local fields = {"v", "1", "type", ARGV[b + 4], "payload", ARGV[b + 5], "fp", fingerprint,
-                    "state", state, "max_retry", ARGV[b + 7], "retried", "0", "created", now}
+    local fields = {"v", "1", "t", ARGV[b + 4], "p", ARGV[b + 5], "f", fingerprint,
+                    "s", state, "m", ARGV[b + 7], "r", "0", "c", now}
     if ARGV[b + 8] ~= "0" then fields[#fields + 1] = "timeout"; fields[#fields + 1] = ARGV[b + 8] end
     if ARGV[b + 9] ~= "0" then fields[#fields + 1] = "deadline"; fields[#fields + 1] = ARGV[b + 9] end
     if ARGV[b + 10] ~= "0" then fields[#fields + 1] = "retention"; fields[#fields + 1] = ARGV[b + 10] end

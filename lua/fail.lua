@@ -39,7 +39,7 @@ for i = 1, #ARGV, 4 do
   local id, token, err, delay = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local task_key = task_prefix .. id
   if holds_lease(active_key, task_key, id, token) then
-    local f = rcall("HMGET", task_key, "retried", "max_retry", "deadline", "unique")
+    local f = rcall("HMGET", task_key, "r", "m", "deadline", "unique")
     local retried, max_retry = tonumber(f[1]) or 0, tonumber(f[2]) or 0
     local deadline = tonumber(f[3] or "0") or 0
     rcall("ZREM", active_key, id)
@@ -48,7 +48,7 @@ for i = 1, #ARGV, 4 do
       rcall("HSET", task_key, "failed_at", now)
       reply[#reply + 1] = 2
     else
-      rcall("HSET", task_key, "state", "retry", "error", err, "failed_at", now, "retried", retried + 1)
+      rcall("HSET", task_key, "s", "retry", "error", err, "failed_at", now, "r", retried + 1)
       rcall("HDEL", task_key, "token")
       rcall("ZADD", retry_key, now + delay, id)
       reply[#reply + 1] = 1

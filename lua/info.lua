@@ -24,7 +24,7 @@ elseif t ~= "hash" then
   return {-5, task_key}
 end
 local fields = redis.call("HGETALL", task_key)
-local state = redis.call("HGET", task_key, "state")
+local state = redis.call("HGET", task_key, "s")
 local zsets = {scheduled = KEYS[2], retry = KEYS[3], active = KEYS[4]}
 local due = -1
 if zsets[state] then

@@ -67,7 +67,7 @@ for i = 1, n do
   local task_key = task_prefix .. id
   -- pcall: a task key of another type reads as an error table, which counts as an orphan.
   -- (One HMGET instead of TYPE + HMGET: this loop is every task's hot path.)
-  local f = redis.pcall("HMGET", task_key, "v", "type", "payload", "retried", "max_retry",
+  local f = redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m",
                         "timeout", "deadline", "retry_delay", "unique")
   if f.err or (not f[1] and not f[2] and not f[3] and rcall("EXISTS", task_key) == 0) then
     reply[5] = reply[5] + 1
@@ -75,11 +75,11 @@ for i = 1, n do
     local version, retried, max_retry = tonumber(f[1]), tonumber(f[4]), tonumber(f[5])
     local deadline = tonumber(f[7] or "0")
     local missing = nil
-    if not version then missing = "v"
-    elseif not f[2] then missing = "type"
-    elseif not f[3] then missing = "payload"
-    elseif not retried then missing = "retried"
-    elseif not max_retry then missing = "max_retry"
+    if not version then missing = "v (format version)"
+    elseif not f[2] then missing = "t (type)"
+    elseif not f[3] then missing = "p (payload)"
+    elseif not retried then missing = "r (retried)"
+    elseif not max_retry then missing = "m (max_retry)"
     elseif not deadline then missing = "deadline"
     end
     if missing then
@@ -93,7 +93,7 @@ for i = 1, n do
       reply[3] = reply[3] + 1
     else
       local token = nonce .. "-" .. i
-      rcall("HSET", task_key, "state", "active", "token", token)
+      rcall("HSET", task_key, "s", "active", "token", token)
       rcall("ZADD", active_key, expires, id)
       local r = #reply
       reply[r + 1] = id

@@ -44,7 +44,7 @@ for _, source in ipairs({scheduled_key, retry_key}) do
     local task_key = task_prefix .. id
     rcall("ZREM", source, id)
     if key_type(task_key) == "hash" then
-      rcall("HSET", task_key, "state", "pending")
+      rcall("HSET", task_key, "s", "pending")
       rcall("LPUSH", pending_key, id)
       promoted = promoted + 1
     else

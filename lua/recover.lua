@@ -46,7 +46,7 @@ for _, id in ipairs(ids) do
   if key_type(task_key) ~= "hash" then
     n_orphan = n_orphan + 1
   else
-    local f = rcall("HMGET", task_key, "retried", "max_retry", "recoveries", "deadline", "unique", "retry_delay")
+    local f = rcall("HMGET", task_key, "r", "m", "recoveries", "deadline", "unique", "retry_delay")
     local retried, max_retry = tonumber(f[1]) or 0, tonumber(f[2]) or 0
     local recoveries = (tonumber(f[3]) or 0) + 1
     local deadline = tonumber(f[4] or "0") or 0
@@ -66,7 +66,7 @@ for _, id in ipairs(ids) do
       archive_task(task_key, id, archived_key, now, "lease expired; deadline exceeded", f[5])
       n_archived = n_archived + 1
     else
-      rcall("HSET", task_key, "state", "retry", "error", "lease expired", "retried", retried + 1)
+      rcall("HSET", task_key, "s", "retry", "error", "lease expired", "r", retried + 1)
       rcall("HDEL", task_key, "token")
       rcall("ZADD", retry_key, now + delay, id)
       n_retry = n_retry + 1

@@ -36,7 +36,7 @@ for i = 1, #ARGV, 2 do
   local task_key = task_prefix .. id
   if holds_lease(active_key, task_key, id, token) then
     rcall("ZREM", active_key, id)
-    rcall("HSET", task_key, "state", "pending")
+    rcall("HSET", task_key, "s", "pending")
     rcall("HDEL", task_key, "token")
     rcall("RPUSH", pending_key, id)
     requeued = true

@@ -35,7 +35,7 @@ local function forget(zset_key, ids, state)
   for _, id in ipairs(ids) do
     local task_key = task_prefix .. id
     rcall("ZREM", zset_key, id)
-    if redis.pcall("HGET", task_key, "state") == state then
+    if redis.pcall("HGET", task_key, "s") == state then
       rcall("DEL", task_key)
     end
   end

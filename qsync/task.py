@@ -136,13 +136,14 @@ class Task:
             unique_ttl_ms=unique_ttl_ms,
             unique_key=unique_key,
         )
-        self._fingerprint: str | None = None
+        self._fingerprint: bytes | None = None
 
     @property
-    def fingerprint(self) -> str:
+    def fingerprint(self) -> bytes:
         """A digest of type, payload and options: equal for a client's retry of the same task.
 
         The due time is left out on purpose: a retried ``delay=`` enqueue is the same task.
+        Eight raw bytes (not hex): it is stored in every task's hash.
         """
         if self._fingerprint is None:
             o = self.options
@@ -154,7 +155,7 @@ class Task:
                 f"\0{o.max_retry}\0{o.retry_delay_ms}\0{o.timeout_ms}\0{o.deadline_ms}\0{o.retention_ms}"
                 f"\0{o.unique_ttl_ms}\0{o.unique_key}".encode()
             )
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = h.digest()
         return self._fingerprint
 
     def __repr__(self) -> str:
@@ -202,7 +203,12 @@ class TaskInfo:
 
     @classmethod
     def from_hash(cls, task_id: str, queue: str, fields: dict[bytes, bytes], due_ms: int) -> TaskInfo:
-        """Build from the task hash's raw fields (as read by the info script)."""
+        """Build from the task hash's raw fields (as read by the info script).
+
+        The fields every task carries have one-letter names (``t`` type, ``p`` payload, ``s``
+        state, ``r`` retried, ``m`` max_retry, ``c`` created, ``f`` fingerprint): the hash is
+        most of a pending task's Redis memory (lua/README.md lists every field).
+        """
 
         def text(name: bytes) -> str | None:
             raw = fields.get(name)
@@ -220,17 +226,17 @@ class TaskInfo:
         return cls(
             id=task_id,
             queue=queue,
-            state=TaskState(text(b"state") or "pending"),
-            type=text(b"type") or "",
-            payload=fields.get(b"payload", b""),
-            retried=number(b"retried"),
-            max_retry=number(b"max_retry"),
+            state=TaskState(text(b"s") or "pending"),
+            type=text(b"t") or "",
+            payload=fields.get(b"p", b""),
+            retried=number(b"r"),
+            max_retry=number(b"m"),
             recoveries=number(b"recoveries"),
             timeout=timedelta(milliseconds=timeout_ms) if timeout_ms else None,
             deadline=_ms_to_datetime(number(b"deadline")),
             retention=timedelta(milliseconds=retention_ms) if retention_ms else None,
             last_error=text(b"error"),
-            created_at=_ms_to_datetime(number(b"created")),
+            created_at=_ms_to_datetime(number(b"c")),
             next_process_at=_ms_to_datetime(due_ms if due_ms > 0 else None),
             last_failed_at=_ms_to_datetime(number(b"failed_at")),
             finished_at=_ms_to_datetime(number(b"done_at")),

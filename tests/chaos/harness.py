@@ -492,7 +492,7 @@ class Chaos:
         prefix = self.keys.task_prefix
         states: dict[str, str] = {}
         for key in self.r.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-            state = self.r.hget(key, "state")
+            state = self.r.hget(key, "s")
             if state is not None:  # gone between SCAN and HGET (retention ran out): ignore
                 states[key.decode()[len(prefix) :]] = state.decode()
         return states
@@ -500,7 +500,7 @@ class Chaos:
     def _attempt_problems(self, states: dict[str, str]) -> list[str]:
         problems = []
         for task_id in states:
-            retried, max_retry = self.r.hmget(self.keys.task(task_id), "retried", "max_retry")
+            retried, max_retry = self.r.hmget(self.keys.task(task_id), "r", "m")
             if retried is not None and max_retry is not None and int(retried) > int(max_retry):
                 problems.append(f"I8: {task_id} retried {int(retried)} > max_retry {int(max_retry)}")
         return problems

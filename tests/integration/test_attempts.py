@@ -741,11 +741,11 @@ def test_lease_drops_an_id_whose_task_key_is_not_a_hash_as_an_orphan(backend: re
 @pytest.mark.parametrize(
     ("fields", "missing"),
     [
-        ({"state": "pending", "retried": "0", "max_retry": "3"}, "v"),  # v, type, payload all gone
-        ({"state": "pending"}, "v"),
-        ({"v": "1", "type": "job", "retried": "0", "max_retry": "3"}, "payload"),
-        ({"type": "job", "payload": "p", "retried": "0", "max_retry": "3"}, "v"),
-        ({"v": "1", "payload": "p", "retried": "0", "max_retry": "3"}, "type"),
+        ({"s": "pending", "r": "0", "m": "3"}, "v (format version)"),  # v, t, p all gone
+        ({"s": "pending"}, "v (format version)"),
+        ({"v": "1", "t": "job", "r": "0", "m": "3"}, "p (payload)"),
+        ({"t": "job", "p": "p", "r": "0", "m": "3"}, "v (format version)"),
+        ({"v": "1", "p": "p", "r": "0", "m": "3"}, "t (type)"),
     ],
 )
 def test_lease_archives_a_partial_hash_as_corrupt_keeping_its_fields(
@@ -762,9 +762,9 @@ def test_lease_archives_a_partial_hash_as_corrupt_keeping_its_fields(
     assert (batch.orphans, batch.corrupt_archived) == (0, 1)
     assert backend.zscore(k.archived, "partial") is not None
     h = {a.decode(): b.decode() for a, b in backend.hgetall(k.task("partial")).items()}
-    assert h["state"] == "archived"
+    assert h["s"] == "archived"
     assert h["error"] == f"corrupt: field {missing} missing or malformed"
-    assert {f: h[f] for f in fields if f != "state"} == {f: v for f, v in fields.items() if f != "state"}
+    assert {f: h[f] for f in fields if f != "s"} == {f: v for f, v in fields.items() if f != "s"}
     info = q.info("partial", queue="q")
     assert info.state is TaskState.ARCHIVED
 

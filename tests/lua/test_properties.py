@@ -687,9 +687,9 @@ class QueueMachine(RuleBasedStateMachine):
             event("retention ran out")
             return
         assert h and not model.lapsed, f"I5: task {task_id} ({model.state}) has no hash"
-        assert h["state"] == model.state, f"I5: {task_id} in {model.state}, hash says {h['state']}"
-        assert int(h["retried"]) <= int(h["max_retry"]), f"I8: {task_id}: {h}"
-        assert (int(h["retried"]), int(h["max_retry"])) == (model.retried, model.spec.retry), "I8"
+        assert h["s"] == model.state, f"I5: {task_id} in {model.state}, hash says {h['s']}"
+        assert int(h["r"]) <= int(h["m"]), f"I8: {task_id}: {h}"
+        assert (int(h["r"]), int(h["m"])) == (model.retried, model.spec.retry), "I8"
         assert int(h.get("recoveries", "0")) == model.recoveries, "I8: recoveries"
         assert int(h.get("deadline", "0")) == model.deadline
         assert h.get("token") == self.held.get(task_id), f"token of {task_id}: {h.get('token')}"

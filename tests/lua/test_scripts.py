@@ -39,6 +39,9 @@ from qsync.task import TaskState
 
 Q = "q"
 ZSETS = ("active", "scheduled", "retry", "archived", "completed")
+# How lease names a bad field of the task hash in its archive reason.
+FIELD_LABELS = {"v": "v (format version)", "t": "t (type)", "p": "p (payload)", "r": "r (retried)",
+                "m": "m (max_retry)", "deadline": "deadline"}  # fmt: skip
 _prefixes = itertools.count()
 
 
@@ -108,7 +111,7 @@ class Env:
     def assert_in(self, task_id: str, container: str) -> None:
         """The id is in exactly this container, and its hash's state names it."""
         assert self.where(task_id) == [container], (task_id, self.where(task_id))
-        assert self.h(task_id)["state"] == container.encode()
+        assert self.h(task_id)["s"] == container.encode()
 
     # writes that stand in for the passing of time
 
@@ -187,11 +190,11 @@ def test_enqueue_ready_task_is_pending(benv: Env) -> None:
     benv.assert_in("a", "pending")
     h = benv.h("a")
     assert h["v"] == b"1"
-    assert h["type"] == b"job"
-    assert h["payload"] == b"pay"
-    assert h["max_retry"] == b"3"
-    assert h["retried"] == b"0"
-    assert before <= int(h["created"]) <= after
+    assert h["t"] == b"job"
+    assert h["p"] == b"pay"
+    assert h["m"] == b"3"
+    assert h["r"] == b"0"
+    assert before <= int(h["c"]) <= after
     assert "token" not in h
     assert benv.r.lrange(benv.k.wake, 0, -1) == [b"1"]
     assert benv.q.info("a", queue=Q).state is TaskState.PENDING
@@ -446,7 +449,7 @@ def test_lease_archives_a_task_past_its_deadline(benv: Env) -> None:
     h = benv.h("late")
     assert h["error"] == b"deadline exceeded"
     assert "token" not in h
-    assert h["retried"] == b"0"
+    assert h["r"] == b"0"
 
 
 def test_lease_drops_an_orphan_id(benv: Env) -> None:
@@ -466,7 +469,7 @@ def test_lease_leaves_a_task_of_a_newer_format_alone(benv: Env) -> None:
     assert batch.tasks == []
     assert (batch.corrupt_archived, batch.deadline_archived) == (0, 0)
     benv.assert_in("new", "pending")
-    assert benv.h("new")["retried"] == b"0"
+    assert benv.h("new")["r"] == b"0"
 
 
 # --- pause, resume ---------------------------------------------------------------------------
@@ -552,7 +555,7 @@ def test_fail_sends_the_task_to_retry_at_a_server_time(benv: Env) -> None:
     assert due is not None and before + 5_000 <= due <= after + 5_000
     h = benv.h("a")
     assert h["error"] == b"boom: it broke"
-    assert h["retried"] == b"1"
+    assert h["r"] == b"1"
     assert before <= int(h["failed_at"]) <= after
     assert "token" not in h
     info = benv.q.info("a", queue=Q)
@@ -577,7 +580,7 @@ def test_fail_archives_when_retries_are_exhausted(benv: Env) -> None:
     assert score is not None and before <= score <= after
     h = benv.h("a")
     assert h["error"] == b"second"
-    assert h["retried"] == b"1", "an archived attempt does not count as a retry"
+    assert h["r"] == b"1", "an archived attempt does not count as a retry"
     assert "token" not in h
     assert before <= int(h["done_at"]) <= after
 
@@ -621,7 +624,7 @@ def test_requeue_puts_the_task_next_without_an_attempt(benv: Env) -> None:
     benv.assert_in("a", "pending")
     assert benv.pending() == ["b", "a"], "a jumps the line"
     h = benv.h("a")
-    assert h["retried"] == b"0"
+    assert h["r"] == b"0"
     assert "token" not in h
     assert benv.r.lrange(benv.k.wake, 0, -1) == [b"1"]
     (again,) = benv.lease()
@@ -691,7 +694,7 @@ def test_recover_sends_an_expired_lease_to_retry(benv: Env) -> None:
     assert due is not None and before + 10_000 <= due <= after + 10_000
     h = benv.h("a")
     assert h["error"] == b"lease expired"
-    assert h["retried"] == b"1"
+    assert h["r"] == b"1"
     assert h["recoveries"] == b"1"
     assert "token" not in h
     assert benv.q.ack(Q, [leases[0]]) == [False], "the old holder can no longer commit"
@@ -841,7 +844,7 @@ def test_the_no_write_check_sees_a_rewrite_of_the_same_value(env: Env) -> None:
     that leaves every value as it was, which a snapshot alone cannot see."""
     env.enqueue(task("a"))
     frozen = freeze(env)
-    env.r.hset(env.k.task("a"), "state", "pending")
+    env.r.hset(env.k.task("a"), "s", "pending")
     assert env.snap() == frozen.snap
     with pytest.raises(AssertionError, match="wrote to Redis"):
         frozen.unchanged()
@@ -885,7 +888,7 @@ def _stale_not_in_active(env: Env) -> qsync.Lease:
     (leased,) = env.lease()
     env.r.zrem(env.k.active, "a")
     env.r.lpush(env.k.pending, "a")
-    env.r.hset(env.k.task("a"), "state", "pending")
+    env.r.hset(env.k.task("a"), "s", "pending")
     return qsync.Lease("a", leased.token)
 
 
@@ -1118,12 +1121,12 @@ def test_wrong_type_task_or_lock_key_refuses_only_that_item(benv: Env) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("payload", None),
-        ("type", None),
+        ("p", None),
+        ("t", None),
         ("v", None),
-        ("retried", None),
-        ("retried", "abc"),
-        ("max_retry", "-x-"),
+        ("r", None),
+        ("r", "abc"),
+        ("m", "-x-"),
         ("deadline", "soon"),
     ],
 )
@@ -1143,15 +1146,15 @@ def test_lease_archives_a_task_hash_with_missing_or_malformed_fields(
     assert batch.corrupt_archived == 1
     benv.assert_in("bad", "archived")
     h = benv.h("bad")
-    assert h["error"] == f"corrupt: field {field} missing or malformed".encode()
-    kept = {name: v for name, v in raw_before.items() if name not in ("state",)}
+    assert h["error"] == f"corrupt: field {FIELD_LABELS[field]} missing or malformed".encode()
+    kept = {name: v for name, v in raw_before.items() if name not in ("s",)}
     assert {name: h[name] for name in kept} == kept, "the raw fields are kept for inspection"
     assert not benv.r.exists(lock_of(benv, unique_task("bad"))), "an archived task holds no lock"
 
 
 def _strip(env: Env, task_id: str) -> None:
-    """Leave only the fields a leased task cannot be fenced without (state and token)."""
-    fields = [f for f in env.h(task_id) if f not in ("state", "token")]
+    """Leave only the fields a leased task cannot be fenced without (state "s" and token)."""
+    fields = [f for f in env.h(task_id) if f not in ("s", "token")]
     env.r.hdel(env.k.task(task_id), *fields)
 
 
@@ -1188,7 +1191,7 @@ def test_a_stripped_task_hash_never_crashes_a_transition(benv: Env, op: str) -> 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("state", "bogus-state"), ("state", None), ("retried", "abc"), ("deadline", "9" * 20)],
+    [("s", "bogus-state"), ("s", None), ("r", "abc"), ("deadline", "9" * 20)],
 )
 def test_info_on_a_malformed_hash_is_a_result_or_a_typed_error(
     benv: Env, field: str, value: str | None
@@ -1344,7 +1347,7 @@ def test_noscript_single_calls_reload_transparently(env: Env) -> None:
     assert env.q.extend(Q, [leased]) == [True]
     flush()
     assert env.q.fail(Q, [qsync.Failure("a", leased.token, "e", 0)]) == [TaskState.RETRY]
-    assert env.h("a")["retried"] == b"1", "applied once"
+    assert env.h("a")["r"] == b"1", "applied once"
     flush()
     assert env.q.promote(Q).promoted == 1
     assert env.pending() == ["a"], "applied once"
@@ -1356,7 +1359,7 @@ def test_noscript_single_calls_reload_transparently(env: Env) -> None:
     env.set_score("active", "a")
     flush()
     assert env.q.recover(Q).retried == 1
-    assert env.h("a")["retried"] == b"2", "applied once"
+    assert env.h("a")["r"] == b"2", "applied once"
     env.q.promote(Q)
     (leased,) = env.lease()
     flush()
