@@ -51,7 +51,7 @@ end
 
 local now = now_ms()
 local reply = {now}
-local any_pending = false
+local ready = {}  -- ids going to pending, in order
 -- A completed task's hash expires on its own (PEXPIRE) while its id waits in completed for trim;
 -- an id reused after that expiry must leave completed, or it would be in two containers.
 local has_completed = rcall("EXISTS", completed_key) == 1
@@ -97,24 +97,26 @@ for i = 1, n do
     end
     local state = due > now and "scheduled" or "pending"
     -- Only non-default options are stored: the hash is most of a task's memory.
-    local fields = {"v", "1", "t", ARGV[b + 4], "p", ARGV[b + 5], "f", fingerprint,
-                    "s", state, "m", ARGV[b + 7], "r", "0", "c", now}
-    if ARGV[b + 8] ~= "0" then fields[#fields + 1] = "timeout"; fields[#fields + 1] = ARGV[b + 8] end
-    if ARGV[b + 9] ~= "0" then fields[#fields + 1] = "deadline"; fields[#fields + 1] = ARGV[b + 9] end
-    if ARGV[b + 10] ~= "0" then fields[#fields + 1] = "retention"; fields[#fields + 1] = ARGV[b + 10] end
-    if ARGV[b + 11] ~= "-1" then fields[#fields + 1] = "retry_delay"; fields[#fields + 1] = ARGV[b + 11] end
+    rcall("HSET", task_key, "v", "1", "t", ARGV[b + 4], "p", ARGV[b + 5], "f", fingerprint,
+          "s", state, "m", ARGV[b + 7], "r", "0", "c", now)
+    local options = {}
+    if ARGV[b + 8] ~= "0" then options[#options + 1] = "timeout"; options[#options + 1] = ARGV[b + 8] end
+    if ARGV[b + 9] ~= "0" then options[#options + 1] = "deadline"; options[#options + 1] = ARGV[b + 9] end
+    if ARGV[b + 10] ~= "0" then options[#options + 1] = "retention"; options[#options + 1] = ARGV[b + 10] end
+    if ARGV[b + 11] ~= "-1" then options[#options + 1] = "retry_delay"; options[#options + 1] = ARGV[b + 11] end
     if lock_key then
-      fields[#fields + 1] = "unique"
-      fields[#fields + 1] = lock_key
+      options[#options + 1] = "unique"
+      options[#options + 1] = lock_key
       rcall("SET", lock_key, id, "PX", ARGV[b + 3])
     end
-    rcall("HSET", task_key, unpack(fields))
+    if #options > 0 then
+      rcall("HSET", task_key, unpack(options))
+    end
     if has_completed then
       rcall("ZREM", completed_key, id)
     end
     if state == "pending" then
-      rcall("LPUSH", pending_key, id)
-      any_pending = true
+      ready[#ready + 1] = id
     else
       rcall("ZADD", scheduled_key, due, id)
     end
@@ -123,7 +125,9 @@ for i = 1, n do
   reply[#reply + 1] = code
   reply[#reply + 1] = detail
 end
-if any_pending then
+if #ready > 0 then
+  -- One LPUSH for the call (same order as one per task); n <= 1,000 stays within unpack's limit.
+  rcall("LPUSH", pending_key, unpack(ready))
   wake(wake_key)
 end
 return reply

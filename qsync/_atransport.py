@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException
 
 from ._ops import Call
-from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, pack
+from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
 
 __all__ = ["AsyncTransport"]
 
@@ -78,7 +78,8 @@ class AsyncTransport:
 
 async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     try:
-        await conn.send_packed_command([pack(exchange.commands)], check_health=False)
+        for piece in packed_pieces(exchange.commands):
+            await conn.send_packed_command(piece, check_health=False)
         replies: list[Any] = []
         for _ in exchange.commands:
             try:

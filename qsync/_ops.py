@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from . import _scripts
 from ._keys import QueueKeys, registry_key
 from .errors import Code, QsyncError, TaskNotFound, error_for
-from .task import Task, TaskInfo, TaskState, _ms_to_datetime
+from .task import Task, TaskInfo, TaskState, _enqueue_base, _enqueued_info
 
 __all__ = [
     "TASK_FORMAT_VERSION",
@@ -42,7 +41,9 @@ __all__ = [
 
 T = TypeVar("T")
 TASK_FORMAT_VERSION = 1
-ENQUEUE_CHUNK = 1000
+# Tasks per enqueue script call: small enough that the calls of one enqueue_many stream
+# (Redis runs one while the next is packed), large enough that a call's overhead is noise.
+ENQUEUE_CHUNK = 250
 MAX_LEASE_BATCH = 1000
 MAX_SWEEP_BATCH = 10_000
 
@@ -100,7 +101,7 @@ def _text(value: Any) -> str:
 
 
 def enqueue_many(keys: QueueKeys, tasks: Sequence[Task]) -> list[Call[list[TaskInfo | QsyncError]]]:
-    """Calls that enqueue ``tasks`` (1,000 per script call), each decoding to per-task results:
+    """Calls that enqueue ``tasks`` (ENQUEUE_CHUNK per script call), each decoding to per-task results:
     a TaskInfo, or the TaskError that refused that task."""
     return [_enqueue_chunk(keys, tasks[i : i + ENQUEUE_CHUNK]) for i in range(0, len(tasks), ENQUEUE_CHUNK)]
 
@@ -124,11 +125,14 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
 
     def decode(reply: list[Any]) -> list[TaskInfo | QsyncError]:
         _check_whole(reply, "enqueue", keys.queue)
+        now_ms = reply[0]
+        base = _enqueue_base(keys.queue, now_ms)
         results: list[TaskInfo | QsyncError] = []
         for i, task in enumerate(tasks):
             code, detail = reply[1 + 2 * i], _text(reply[2 + 2 * i])
             if code > 0:
-                results.append(_enqueued_info(keys.queue, task, detail, reply[0]))
+                state = _STATES.get(detail) or TaskState(detail)
+                results.append(_enqueued_info(base, task, state, now_ms))
             else:
                 results.append(
                     error_for(code, op="enqueue", queue=keys.queue, task_id=task.id, detail=detail)
@@ -136,22 +140,6 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
         return results
 
     return _script_call("enqueue", keys, tuple(call_keys), tuple(args), decode, idempotent=True)
-
-
-def _enqueued_info(queue: str, task: Task, state: str, now_ms: int) -> TaskInfo:
-    """The TaskInfo of a task just enqueued, from what the client sent (no read-back)."""
-    o = task.options
-    due = o.process_at_ms or (now_ms + o.delay_ms if o.delay_ms else 0)
-    task_state = _STATES.get(state) or TaskState(state)
-    return TaskInfo(
-        id=task.id, queue=queue, state=task_state, type=task.type, payload=task.payload,
-        max_retry=o.max_retry, timeout=timedelta(milliseconds=o.timeout_ms) if o.timeout_ms else None,
-        deadline=_ms_to_datetime(o.deadline_ms),
-        retention=timedelta(milliseconds=o.retention_ms) if o.retention_ms else None,
-        created_at=_ms_to_datetime(now_ms),
-        next_process_at=_ms_to_datetime(due) if task_state is TaskState.SCHEDULED else None,
-        unique_key=o.unique_key,
-    )  # fmt: skip
 
 
 _STATES = {s.value: s for s in TaskState}

@@ -14,7 +14,7 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from ._ops import Call
-from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, pack
+from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
 
 __all__ = ["SyncTransport"]
 
@@ -61,7 +61,7 @@ class SyncTransport:
                 conn.connect()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 raise ConnectFailed(str(exc)) from exc
-            conn.send_packed_command([pack(exchange.commands)], check_health=False)
+            conn.send_packed_command(packed_pieces(exchange.commands), check_health=False)
             replies: list[Any] = []
             for _ in exchange.commands:
                 try:

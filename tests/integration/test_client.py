@@ -26,6 +26,7 @@ from redis.retry import Retry
 
 import qsync
 from qsync import Task, TaskInfo, TaskState
+from qsync._ops import ENQUEUE_CHUNK
 from qsync.errors import (
     ClientClosed,
     Code,
@@ -431,18 +432,18 @@ def test_enqueue_many_is_one_round_trip_per_batch(shell: Shell, proxy: Proxy, r:
     assert all(isinstance(x, TaskInfo) and x.state is TaskState.PENDING for x in results)
     assert script_calls(calls_since(r, before)) == {"evalsha": 1}
 
-    # Over 1,000 tasks: two script calls, both sent before either reply is read (the proxy
-    # holds the replies until both arrived: a client waiting for the first would stall).
-    tasks = [Task("bulk", b"%d" % i) for i in range(1001)]
+    # Over ENQUEUE_CHUNK tasks: several script calls, all sent before any reply is read (the
+    # proxy holds the replies until all arrived: a client waiting for the first would stall).
+    tasks = [Task("bulk", b"%d" % i) for i in range(4 * ENQUEUE_CHUNK + 1)]
     before = calls(r)
-    proxy.hold_replies(2)
+    proxy.hold_replies(5)
     results = queue.enqueue_many(iter(tasks))
     proxy.release()
-    assert not proxy.hold_timed_out, "the two script calls of one batch were not pipelined"
-    assert script_calls(calls_since(r, before)) == {"evalsha": 2}
+    assert not proxy.hold_timed_out, "the script calls of one batch were not pipelined"
+    assert script_calls(calls_since(r, before)) == {"evalsha": 5}
     assert proxy.connections == connections
     assert [x.id for x in results if isinstance(x, TaskInfo)] == [t.id for t in tasks]
-    assert r.llen(queue.keys("default").pending) == 1 + 50 + 1001
+    assert r.llen(queue.keys("default").pending) == 1 + 50 + len(tasks)
 
 
 def test_enqueue_many_gives_one_result_per_item_with_refusals_mixed_in(

@@ -186,8 +186,10 @@ def test_every_call_touches_one_slot(prefix: str, queue: str) -> None:
 
 def test_enqueue_many_splits_into_one_slot_chunks() -> None:
     keys = keys_for("p", "bulk")
-    calls = _ops.enqueue_many(keys, [qsync.Task("t", bytes([i % 256])) for i in range(2500)])
-    assert [int(c.args[0]) for c in calls] == [1000, 1000, 500]
+    chunk = _ops.ENQUEUE_CHUNK
+    tasks = [qsync.Task("t", bytes([i % 256])) for i in range(2 * chunk + chunk // 2)]
+    calls = _ops.enqueue_many(keys, tasks)
+    assert [int(c.args[0]) for c in calls] == [chunk, chunk, chunk // 2]
     for call in calls:
         assert {slot(k) for k in call.keys} == {slot(keys.tag)}
 
