@@ -68,11 +68,17 @@ class QueueKeys:
         return key.startswith(self.tag)
 
 
-@lru_cache(maxsize=1024)
 def validate_prefix(value: object) -> str:
     """A usable key prefix: a name without ":", which separates it from the queue name in
     the hash tag (else prefix "a:b" with queue "c" and prefix "a" with queue "b:c" would share
     every key)."""
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"prefix must be a str, not {type(value).__name__}")
+    return _validate_str_prefix(str(value))
+
+
+@lru_cache(maxsize=1024)
+def _validate_str_prefix(value: str) -> str:
     prefix = validate_name(value, "prefix", MAX_PREFIX)
     if ":" in prefix:
         raise InvalidName(
@@ -84,6 +90,17 @@ def validate_prefix(value: object) -> str:
 
 def keys_for(prefix: str, queue: str) -> QueueKeys:
     """The keys of ``queue`` under ``prefix`` (both validated)."""
+    if type(prefix) is str and type(queue) is str:
+        return _cached_keys(prefix, queue)  # every enqueue asks: validate a name once
+    return _build_keys(prefix, queue)  # raises InvalidArgumentType
+
+
+@lru_cache(maxsize=1024)
+def _cached_keys(prefix: str, queue: str) -> QueueKeys:
+    return _build_keys(prefix, queue)
+
+
+def _build_keys(prefix: str, queue: str) -> QueueKeys:
     validate_prefix(prefix)
     validate_name(queue, "queue name", MAX_QUEUE_NAME)
     tag = "{" + prefix + ":" + queue + "}"

@@ -92,7 +92,7 @@ class Queue(QueueBase, SyncServing):
     def enqueue_many(
         self, tasks: Iterable[Task], *, queue: str = DEFAULT_QUEUE
     ) -> list[TaskInfo | QsyncError]:
-        """Put many tasks on ``queue`` in one round trip (1,000 tasks per script call).
+        """Put many tasks on ``queue`` in one round trip (script calls of 250 tasks, pipelined).
 
         Returns one item per task, in order: its TaskInfo, or the QsyncError that refused it
         (TaskIdConflict, DuplicateTask, NotEnqueued, EnqueueUncertain, ...). Items are

@@ -368,7 +368,12 @@ BAD_NAMES = [
     pytest.param(None, InvalidArgumentType, ("must be a str",), id="none"),
     pytest.param(5, InvalidArgumentType, ("must be a str", "int"), id="int"),
     pytest.param(b"q", InvalidArgumentType, ("must be a str", "bytes"), id="bytes"),
+    pytest.param(["q"], InvalidArgumentType, ("must be a str", "list"), id="unhashable-list"),
 ]
+
+
+class _Str(str):
+    """A str subclass: validated like a str (names are cached for exact str only)."""
 
 
 @pytest.mark.parametrize(("name", "exc", "fragments"), BAD_NAMES)
@@ -381,6 +386,7 @@ def test_prefix_length(shell: Shell) -> None:
     shell.run(lambda q: None, prefix="p" * 64)
     shell.run(lambda q: None, prefix="myapp.prod-1_eu")
     shell.refused(lambda q: None, InvalidName, "prefix", "must not contain ':'", prefix="myapp:eu")
+    shell.refused(lambda q: None, InvalidName, "prefix", "must not contain ':'", prefix=_Str("myapp:eu"))
     assert shell.connections == []
 
 
