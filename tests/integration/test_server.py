@@ -807,6 +807,52 @@ def test_resume_wakes_an_idle_server_at_once(sync_worker: Worker) -> None:
     wait_event(ran, "the handler to start after resume", timeout=10)
 
 
+def test_wake_ups_that_arrive_while_the_server_looks_are_not_lost(sync_worker: Worker) -> None:
+    # Each task is enqueued by the previous one's handler, so the wake-ups land while the
+    # server is leasing, starting the handler or going idle. A poll interval far beyond the
+    # wait below: the chain completes only if every one of those wake-ups is acted on.
+    links = 20
+    done = threading.Event()
+
+    def handler(ctx: Context, task: LeasedTask) -> None:
+        n = int(task.payload)
+        if n == links:
+            done.set()
+        else:
+            sync_worker.queue.enqueue(Task("link", str(n + 1).encode()))
+
+    sync_worker.start(handler, poll_interval=60)
+    wait_until(lambda: _blocked_listeners(sync_worker.client) >= 1, "the server to be idle")
+    sync_worker.queue.enqueue(Task("link", b"1"))
+    wait_event(done, "the whole chain to run")
+
+
+def test_a_busy_server_leaves_wake_ups_to_idle_servers(sync_worker: Worker) -> None:
+    # A server with no free slot must not pop the wake-up token: another, idle, server may be
+    # waiting for it (the token would otherwise wake nobody who can take the task).
+    started, release, second = threading.Event(), threading.Event(), threading.Event()
+
+    def handler(ctx: Context, task: LeasedTask) -> None:
+        if task.payload == b"first":
+            started.set()
+            release.wait(15)
+        else:
+            second.set()
+
+    wake = sync_worker.queue.keys("default").wake
+    sync_worker.start(handler, concurrency=1, poll_interval=60)
+    wait_until(lambda: _blocked_listeners(sync_worker.client) >= 1, "the server to be idle")
+    sync_worker.queue.enqueue(Task("t", b"first"))
+    wait_event(started, "the first task to start")
+    sync_worker.queue.enqueue(Task("t", b"second"))
+    try:
+        assert sync_worker.client.llen(wake) == 1, "a busy server took the wake-up token"
+        assert _blocked_listeners(sync_worker.client) == 0, "a busy server listens for wake-ups"
+    finally:
+        release.set()
+    wait_event(second, "the second task to run once a slot is free")
+
+
 def test_idle_wake_up_latency(sync_worker: Worker) -> None:
     started: list[float] = []
     ran = threading.Event()
