@@ -73,8 +73,8 @@ def validate_prefix(value: object) -> str:
     the hash tag (else prefix "a:b" with queue "c" and prefix "a" with queue "b:c" would share
     every key)."""
     if not isinstance(value, str):
-        raise InvalidArgumentType(f"prefix must be a str, not {type(value).__name__}")
-    return _validate_str_prefix(str(value))
+        return validate_name(value, "prefix", MAX_PREFIX)  # raises InvalidArgumentType
+    return _validate_str_prefix(str(value))  # cached: str(value) is hashable, a str subclass too
 
 
 @lru_cache(maxsize=1024)

@@ -173,7 +173,7 @@ def _ms_to_datetime(ms: int | None) -> datetime | None:
 
 
 # Not slots: enqueue builds one TaskInfo per task, and filling a frozen instance's __dict__
-# (TaskInfo._enqueued) costs a fifth of the generated __init__'s object.__setattr__ per field.
+# (_enqueued_info below) costs a fifth of the generated __init__'s object.__setattr__ per field.
 @dataclass(frozen=True, kw_only=True)
 class TaskInfo:
     """A task as Redis holds it. Times are timezone-aware UTC datetimes from the server clock.
@@ -260,7 +260,7 @@ def _enqueued_info(base: dict[str, Any], task: Task, state: TaskState, now_ms: i
 
     Fills a new instance's __dict__ instead of calling the generated __init__ (five times
     slower, one object.__setattr__ per field): enqueue_many builds one per task.
-    tests/unit/test_keys_and_exports.py checks the result equals the regular constructor's.
+    tests/unit/test_task_info.py checks the result equals the regular constructor's.
     """
     o = task.options
     info = object.__new__(TaskInfo)
