@@ -12,6 +12,8 @@ import redis
 import redis.asyncio as aioredis
 from redis import connection as sync_conn
 from redis.asyncio import connection as async_conn
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.retry import Retry as SyncRetry
 
 from ..errors import InvalidArgument, InvalidArgumentType, QsyncError
 from ..mux import Handler, Mux
@@ -207,5 +209,10 @@ def _async_twin(client: Any) -> aioredis.Redis | aioredis.RedisCluster:
             "use qsync.new(redis.asyncio.Redis(...)) and await queue.run(...) instead"
         )
     kwargs = _accepted(cls, dict(pool.connection_kwargs))
+    retry = kwargs.get("retry")
+    if isinstance(retry, SyncRetry):
+        # The same policy for the asyncio connections (redis-py >= 8.2 warns when it has to
+        # convert a sync Retry itself).
+        kwargs["retry"] = AsyncRetry(retry._backoff, retry.get_retries(), retry._supported_errors)
     # from_pool: the twin owns its pool, so closing the twin closes its connections.
     return aioredis.Redis.from_pool(aioredis.ConnectionPool(connection_class=cls, **kwargs))
