@@ -1,10 +1,11 @@
 """The floor for ``make bench``'s latency figures: the idle pick-up path with nothing else.
 
 One asyncio process makes only the hops an idle qsync worker makes: a ``BRPOP`` on the queue's
-wake list, then one ``EVALSHA`` of qsync's lease script, each on a connection of its own (no
-pool), then one coroutine per leased task that reports its latency as ``bench_app``'s probe does
-and acks its task. No heartbeats, timeouts, weights or registry. ``run.py`` measures it with the
-same producer as the worker server, so the difference is what the server's machinery costs.
+wake list with one ``EVALSHA`` of qsync's lease script sent right behind it on the same
+connection (no pool; Redis runs the lease as soon as the BRPOP returns), then one coroutine per
+leased task that reports its latency as ``bench_app``'s probe does and acks its task. No
+heartbeats, timeouts, weights, reservations or registry. ``run.py`` measures it with the same
+producer as the worker server, so the difference is what the server's machinery costs.
 
 Usage: ``python latency_floor.py REDIS_URL PREFIX``; prints ``ready`` once it listens and runs
 until terminated.
@@ -16,6 +17,7 @@ import asyncio
 import sys
 import time
 
+import hiredis
 import redis.asyncio as aioredis
 
 import qsync
@@ -34,8 +36,7 @@ async def main(url: str, prefix: str) -> None:
     assert script is not None
     await client.script_load(script.source)
     await queue.run_calls([])  # the server check, before listening
-    pool = client.connection_pool
-    listen, lease = await pool.get_connection(), await pool.get_connection()  # kept, never released
+    listen = await client.connection_pool.get_connection()  # kept, never released
     loop = asyncio.get_running_loop()
 
     async def probe(task: qsync.LeasedTask) -> None:
@@ -45,12 +46,12 @@ async def main(url: str, prefix: str) -> None:
 
     print("ready", flush=True)
     while True:
-        await listen.send_command("BRPOP", keys.wake, 5)
-        if not await listen.read_response():
-            continue
         call = _ops.lease(keys, LEASE_BATCH, LEASE_MS)
-        await lease.send_command(*call.command())
-        batch = call.decode(await lease.read_response(disable_decoding=True))
+        await listen.send_packed_command(
+            [hiredis.pack_command(("BRPOP", keys.wake, 5)), hiredis.pack_command(call.command())]
+        )
+        await listen.read_response()
+        batch = call.decode(await listen.read_response(disable_decoding=True))
         for task in batch.tasks:
             loop.create_task(probe(task))
 

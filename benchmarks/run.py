@@ -410,8 +410,8 @@ def measure_latency(bench: PrivateRedis, report: Report, quick: bool) -> None:
         _latencies(bench, queue, prefix, 20)  # warm up
         floor = _latencies(bench, queue, prefix, probes)
     floor_p50, floor_p99 = _percentile(floor, 0.5), _percentile(floor, 0.99)
-    report.add(Row("latency", "idle p50 floor (BRPOP, lease, coroutine)", floor_p50, "ms"))
-    report.add(Row("latency", "idle p99 floor (BRPOP, lease, coroutine)", floor_p99, "ms"))
+    report.add(Row("latency", "idle p50 floor (BRPOP + lease behind it, coroutine)", floor_p50, "ms"))
+    report.add(Row("latency", "idle p99 floor (BRPOP + lease behind it, coroutine)", floor_p99, "ms"))
     _delete_prefix(bench.client, prefix)
 
     prefix = f"lat-{uuid.uuid4().hex[:6]}"

@@ -63,6 +63,11 @@ class QueueKeys:
         """The string key of one unique lock."""
         return self.unique_prefix + unique_key
 
+    def listener_wake(self, listener: str) -> str:
+        """One wake-up listener's own list, beside :attr:`wake` in the same slot: a token there
+        ends that listener's blocking wait at once (lua/unblock.lua)."""
+        return self.wake + ":" + listener
+
     def owns(self, key: str) -> bool:
         """True when ``key`` carries this queue's hash tag (so it is in the queue's slot)."""
         return key.startswith(self.tag)

@@ -37,6 +37,7 @@ __all__ = [
     "register_queue",
     "requeue",
     "trim",
+    "unblock",
 ]
 
 T = TypeVar("T")
@@ -386,3 +387,20 @@ def trim(keys: QueueKeys, limit: int, archived_max_age_ms: int, archived_max_cou
 
     args = (limit, archived_max_age_ms, archived_max_count)
     return _script_call("trim", keys, call_keys, args, decode, idempotent=True)
+
+
+# How long an unblock token waits for its listener before the key expires (the listener is
+# blocked for at most the server's poll interval, so one that is still there pops it at once).
+UNBLOCK_TTL_MS = 60_000
+
+
+def unblock(keys: QueueKeys, listener: str) -> Call[None]:
+    """End the blocking wait of one wake-up listener of this queue at once (lua/unblock.lua):
+    the lease it sent behind its BRPOP runs now."""
+
+    def decode(reply: Any) -> None:
+        if isinstance(reply, list):
+            _check_whole(reply, "unblock", keys.queue)
+
+    call_keys = (keys.listener_wake(listener),)
+    return _script_call("unblock", keys, call_keys, (UNBLOCK_TTL_MS,), decode, idempotent=True)

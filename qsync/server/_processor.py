@@ -3,7 +3,9 @@
 Free slots are offered to the queues by weight (or strictly by priority) and leased in batches,
 one pipelined round trip for all queues. No task is held without a lease: the processor only
 asks for as many tasks as it has free slots. When nothing is ready it waits for a wake-up
-signal (or ``poll_interval``) instead of polling Redis.
+signal (or ``poll_interval``) instead of polling Redis; meanwhile each queue's wake-up listener
+may carry a lease of its own (:meth:`Processor.arm`), for which the processor keeps slots
+reserved until its reply comes back (:meth:`Processor.deliver`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import _faults
-from .._ops import LeaseBatch, LeasedTask
+from .._ops import MAX_LEASE_BATCH, Call, LeaseBatch, LeasedTask
 from .._priority import allocate, strict_order
 from ..backoff import resolve_delay_ms
 from ..context import Context
@@ -25,6 +27,7 @@ from ..control import RetryAt, RetryIn, SkipRetry
 from ..errors import DeadlineExceeded, QsyncError, TaskTimeout
 from ..mux import Mux
 from ._jobs import Job, Outcome
+from ._waker import Waker
 from .config import ServerConfig
 
 if TYPE_CHECKING:
@@ -51,14 +54,20 @@ class Processor:
         mux: Mux,
         config: ServerConfig,
         submit: Callable[[Job], None],
-        wait_for_work: Callable[[float], Awaitable[None]],
+        waker: Waker,
     ) -> None:
         self._queue = queue
         self._mux = mux
         self._config = config
         self._submit = submit
-        self._wait_for_work = wait_for_work
+        self._waker = waker
         self.running: dict[tuple[str, str], Job] = {}
+        # Slots held for the leases that idle wake-up listeners carry, per queue, and each
+        # queue's share of the free slots when the processor last went idle.
+        self._reserved: dict[str, int] = {}
+        self._idle_shares: dict[str, int] = {}
+        # Tasks a listener's lease brought in after the stop began: handed back, never run.
+        self.handback: list[LeasedTask] = []
         # Attempt timeouts, bucketed by TIMEOUT_TICK of loop time: one timer per bucket, not
         # per attempt (a batch leased together shares one), and O(1) to disarm.
         self._timeouts: dict[int, tuple[set[Job], asyncio.TimerHandle]] = {}
@@ -85,11 +94,14 @@ class Processor:
             self.stats["failed"] += 1
         self._slot_freed.set()
 
+    def _free(self) -> int:
+        return self._config.concurrency - len(self.running) - sum(self._reserved.values())
+
     async def run(self) -> None:
         """Fill free slots until :meth:`stop_leasing`."""
         backoff = 0.0
         while not self._stopping.is_set():
-            free = self._config.concurrency - len(self.running)
+            free = self._free()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -102,9 +114,38 @@ class Processor:
                 log.warning("leasing failed, retrying in %.1fs: %s", backoff, exc)
                 await self._sleep(backoff)
                 continue
-            if leased == 0 and not self._stopping.is_set() and self._all_empty():
+            if leased:
+                self._waker.disarm()  # busy: armed listeners give their reserved slots back
+            elif not self._stopping.is_set() and self._all_empty():
                 self._empty_since.clear()
-                await self._wait_for_work(self._config.poll_interval)
+                self._idle_shares = allocate(max(0, self._free()), self._config.queues, self._rng)
+                await self._waker.wait(self._config.poll_interval)
+
+    def arm(self, name: str) -> Call[LeaseBatch] | None:
+        """The lease an idle listener of queue ``name`` sends behind its blocking wait, with
+        the slots it may fill reserved until :meth:`deliver`; None: the listener only listens."""
+        if self._stopping.is_set():
+            return None
+        count = min(self._idle_shares.get(name, 0), self._free(), MAX_LEASE_BATCH)
+        if count <= 0:
+            return None
+        call = self._queue._lease_call(name, count, self._config.lease_duration)
+        self._reserved[name] = count
+        return call
+
+    def deliver(self, name: str, result: LeaseBatch | QsyncError | None, sent_at: float) -> None:
+        """The outcome of a listener's lease: its reserved slots come back, its tasks start
+        (or, once stopping, wait in :attr:`handback` to be handed back)."""
+        wanted = self._reserved.pop(name, 0)
+        self._slot_freed.set()
+        if isinstance(result, QsyncError):
+            log.warning("queue %s: a lease sent with a wake-up failed (%s); if it ran, its tasks "
+                        "come back when their leases expire", name, result)  # fmt: skip
+        elif result is not None:
+            if self._stopping.is_set():
+                self.handback += result.tasks
+            elif self._take(name, wanted, result, sent_at):
+                self._waker.disarm()  # busy: the other listeners give their slots back
 
     def _all_empty(self) -> bool:
         """True when every queue came back short recently: only then is there nothing to do
@@ -143,20 +184,26 @@ class Processor:
             if isinstance(result, QsyncError):
                 raise result
             assert isinstance(result, LeaseBatch)
-            if len(result.tasks) < n:
-                self._empty_since[name] = time.monotonic()
-            if result.corrupt_archived or result.orphans or result.deadline_archived:
-                log.warning(
-                    "queue %s: archived %d corrupt and %d past-deadline tasks, dropped %d orphan ids",
-                    name, result.corrupt_archived, result.deadline_archived, result.orphans,
-                )  # fmt: skip
-            for task in result.tasks:
-                self._start(task, result.now_ms, sent_at + duration)
-            leased += len(result.tasks)
-        self.stats["leased"] += leased
-        if leased:
-            _faults.hit("after_lease")
+            leased += self._take(name, n, result, sent_at)
         return leased
+
+    def _take(self, name: str, wanted: int, result: LeaseBatch, sent_at: float) -> int:
+        """Start the tasks of one lease call sent at ``sent_at``; returns how many."""
+        if len(result.tasks) < wanted:
+            self._empty_since[name] = time.monotonic()
+        if result.corrupt_archived or result.orphans or result.deadline_archived:
+            log.warning(
+                "queue %s: archived %d corrupt and %d past-deadline tasks, dropped %d orphan ids",
+                name, result.corrupt_archived, result.deadline_archived, result.orphans,
+            )  # fmt: skip
+        # The lease ran after it was sent: an expiry counted from the send is never late.
+        lease_expiry = sent_at + self._config.lease_duration
+        for task in result.tasks:
+            self._start(task, result.now_ms, lease_expiry)
+        self.stats["leased"] += len(result.tasks)
+        if result.tasks:
+            _faults.hit("after_lease")
+        return len(result.tasks)
 
     def _start(self, task: LeasedTask, server_now_ms: int, lease_expiry: float) -> None:
         timeout_s = task.timeout_ms / 1000 if task.timeout_ms else self._config.default_timeout

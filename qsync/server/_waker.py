@@ -2,60 +2,125 @@
 
 Scripts that make work ready (enqueue, promote, requeue, and lease when it leaves work behind)
 push a token onto the queue's wake list ``{<prefix>:<queue>}:wake`` (capped at one entry).
-While the processor is idle, one blocking ``BRPOP`` per queue waits on its own wake list (one
-key per command, so it works unchanged on Redis Cluster). A listener that delivered a wake-up
-listens again only once the processor is idle again, so a busy server does not take the tokens
-that would wake an idle one; tokens stay in Redis until popped, so none is lost meanwhile.
+While the processor is idle, one listener per queue blocks in ``BRPOP`` on its own connection,
+on that list and on its own key ``{<prefix>:<queue>}:wake:<listener>`` (one slot, so it works
+unchanged on Redis Cluster). A listener that delivered a wake-up listens again only once the
+processor is idle again, so a busy server does not take the tokens that would wake an idle one;
+tokens stay in Redis until popped, so none is lost meanwhile.
 
-This is the idle pick-up path, so each hop counts: a listener keeps one connection of its own
-(no pool checkout per BRPOP) and wakes the processor by resolving the future it awaits.
+The idle pick-up is one round trip. On a single Redis a listener sends its queue's lease call
+right behind the ``BRPOP`` on the same connection; Redis runs it the moment the ``BRPOP``
+returns (woken or timed out), so the leased tasks arrive with the wake-up. The processor
+reserves the slots such a lease may fill when the listener arms (``arm``) and gets them back
+with its reply (``deliver``), so the server never runs more than its concurrency. When the
+processor gets busy or stops, the armed waits are ended at once (lua/unblock.lua puts a token on
+each listener's own key), so no slot stays reserved by a listener that would otherwise wait for
+its block time. A lease sent behind a ``BRPOP`` runs up to that block time after it was sent,
+while its expiry is counted from the send: the block is kept to a quarter of a lease, far inside
+the first heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["Waker"]
+from .. import _ops
+from .._atransport import _roundtrip
+from .._ops import Call, LeaseBatch
+from .._protocol import REPLY_ERRORS, Exchange, _absorb, _failure
+from ..errors import QsyncError
+
+if TYPE_CHECKING:
+    from ..aio import AsyncQueue
+
+__all__ = ["Arm", "Deliver", "Waker"]
 
 log = logging.getLogger("qsync.server")
+
+# The lease a listener of a queue sends behind its BRPOP (its slots reserved), or None.
+Arm = Callable[[str], Call[LeaseBatch] | None]
+# That lease's outcome, with the monotonic time it was sent: the tasks, an error, or None when
+# it surely did not run (a NOSCRIPT reply). Called exactly once per armed lease.
+LeaseResult = LeaseBatch | QsyncError | None
+Deliver = Callable[[str, LeaseResult, float], None]
 
 
 class Waker:
     """Per-queue blocking listeners, active only while :attr:`idle` is set."""
 
     def __init__(
-        self, client: aioredis.Redis | aioredis.RedisCluster, wake_keys: list[str], block_s: float
+        self,
+        queue: AsyncQueue,
+        client: aioredis.Redis | aioredis.RedisCluster,
+        names: list[str],
+        block_s: float,
+        lease_duration: float,
     ) -> None:
+        self._queue = queue
         self._client = client
-        self._wake_keys = wake_keys
+        self._keys = {name: queue.keys(name) for name in names}
+        self._listener_id = uuid.uuid4().hex[:12]
         self._block_s = max(0.1, block_s)
+        self._lease_block_s = max(0.05, min(self._block_s, lease_duration / 4))
+        # Leases ride behind the BRPOP on a single Redis only: on a cluster the listener's
+        # blocking command goes through the cluster client, which owns its connections.
+        self._pipelined = isinstance(client, aioredis.Redis)
         self.idle = asyncio.Event()
         self._woken = False  # a wake-up arrived since the processor last looked
         self._waiter: asyncio.Future[None] | None = None
-        self._listeners: list[asyncio.Task[None]] = []
-        self._connections: dict[str, Any] = {}  # wake key -> the listener's own connection
+        self._listeners: dict[str, asyncio.Task[None]] = {}
+        self._connections: dict[str, Any] = {}  # queue -> the listener's own connection
+        self._waiting: set[str] = set()  # listeners in a BRPOP on their own connection
+        self._armed: set[str] = set()  # those of them with a lease behind their BRPOP
+        self._unblocking: set[str] = set()
+        self._reload: set[str] = set()  # listeners whose lease met NOSCRIPT: load it first
+        self._background: set[asyncio.Task[None]] = set()
+        self._arm: Arm = _never_arm
+        self._deliver: Deliver = _ignore
         self._closing = False
+        self._closed = False
 
-    def start(self) -> None:
-        """Start one listener per queue."""
+    def start(self, arm: Arm | None = None, deliver: Deliver | None = None) -> None:
+        """Start one listener per queue; ``arm``/``deliver`` enable the lease behind the BRPOP."""
+        if arm is not None and deliver is not None:
+            self._arm, self._deliver = arm, deliver
         loop = asyncio.get_running_loop()
-        self._listeners = [loop.create_task(self._listen(key)) for key in self._wake_keys]
+        self._listeners = {name: loop.create_task(self._listen(name)) for name in self._keys}
 
     async def stop(self) -> None:
-        """Stop the listeners and close their connections."""
-        # redis-py may turn the cancellation of a blocked BRPOP into a connection error, which
-        # the listener's retry loop would swallow: the flag ends the loop whatever it sees.
+        """Stop listening. Armed listeners are unblocked and their leases delivered first, so
+        none is lost; then the listeners end and their connections close. Safe to call twice."""
+        if self._closed:
+            return
+        # The flag ends every listener's loop, whatever its last wait ended with.
         self._closing = True
-        for task in self._listeners:
+        waiting = [self._listeners[name] for name in self._waiting]
+        armed = bool(self._armed)
+        self._unblock(self._waiting)
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=self._lease_block_s + 2)
+            if late and armed:
+                log.warning("a wake-up listener did not return; the tasks its lease may have "
+                            "taken come back when their leases expire")  # fmt: skip
+        # Listeners not in a wait (or on a cluster) are cancelled; closing the client ends a
+        # read that a cancellation did not.
+        tasks = [*self._listeners.values(), *self._background]
+        for task in self._listeners.values():
             task.cancel()
-        await asyncio.gather(*self._listeners, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=1)
+        self._closed = True
         if isinstance(self._client, aioredis.Redis):
             await self._client.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait(self, timeout: float) -> None:
         """Wait (idle) until a wake-up arrives or ``timeout`` seconds pass.
@@ -87,40 +152,138 @@ class Waker:
         if self._waiter is not None:
             _resolve(self._waiter)
 
-    async def _listen(self, key: str) -> None:
-        pop = self._pop if isinstance(self._client, aioredis.Redis) else self._pop_cluster
+    def disarm(self) -> None:
+        """End every armed wait now (the processor got busy): each lease runs at once and its
+        reserved slots come back with its reply. Costs nothing when none is armed."""
+        self._unblock(self._armed)
+
+    def _unblock(self, names: set[str]) -> None:
+        names = names - self._unblocking
+        if not names:
+            return
+        self._unblocking |= names
+        calls = [_ops.unblock(self._keys[name], self._listener_id) for name in sorted(names)]
+        task = asyncio.get_running_loop().create_task(self._send_unblock(calls))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_unblock(self, calls: list[Call[None]]) -> None:
+        # A failure leaves the listener to return at its block time; nothing else is at stake.
+        try:
+            results = await self._queue.run_calls(calls)
+        except QsyncError as exc:
+            results = [exc]
+        for result in results:
+            if isinstance(result, QsyncError):
+                log.debug("could not end a wake-up listener's wait early: %s", result)
+
+    async def _listen(self, name: str) -> None:
         backoff = 0.0
         while not self._closing:
             await self.idle.wait()
+            if self._closing:
+                return
+            if not self.idle.is_set():  # woken and cleared again before this listener ran
+                continue
             try:
-                reply = await pop(key)
+                if self._pipelined:
+                    woken = await self._wait_and_lease(name)
+                else:
+                    woken = await self._wait_cluster(name)
                 backoff = 0.0
             except (redis.ConnectionError, redis.TimeoutError, OSError, redis.ResponseError) as exc:
                 if self._closing:
                     return
                 backoff = min(5.0, backoff * 2 or 0.1)
-                log.debug("wake-up listener on %s failed, retrying in %.1fs: %s", key, backoff, exc)
+                log.debug("wake-up listener on %s failed, retrying in %.1fs: %s", name, backoff, exc)
                 await asyncio.sleep(backoff)
                 continue
-            if reply:
+            if woken:
                 self.poke()
 
-    async def _pop(self, key: str) -> Any:
-        """BRPOP on a connection this listener keeps: taken from the listener client's pool
-        once and never given back, so closing the client closes it. A connection error leaves
-        it disconnected; the next send reconnects."""
-        conn = self._connections.get(key)
+    async def _wait_and_lease(self, name: str) -> bool:
+        """One BRPOP on this listener's connection, with the lease ``arm`` gives (if any) right
+        behind it. Returns True when the queue's wake-up token was popped or tasks were leased;
+        raises ResponseError for an error reply to the BRPOP, after delivering the lease."""
+        keys = self._keys[name]
+        lease = self._arm(name)
+        block = self._block_s
+        commands: list[tuple[Any, ...]] = []
+        self._waiting.add(name)  # before any await: stop() and disarm() must see every wait
+        if lease is not None:
+            self._armed.add(name)
+            block = self._lease_block_s
+            if name in self._reload and lease.script is not None:
+                commands.append(("SCRIPT", "LOAD", lease.script.source))
+        commands.append(("BRPOP", keys.wake, keys.listener_wake(self._listener_id), block))
+        if lease is not None:
+            commands.append(lease.command())
+        sent_at = time.monotonic()
+        try:
+            conn = await self._connection(name)
+        except BaseException:
+            self._settle(name, lease, None, sent_at)  # nothing was sent
+            raise
+        try:
+            replies = await _roundtrip(conn, Exchange(commands, keys.wake))
+        except BaseException as exc:
+            lost = None if lease is None else _failure(lease, None, f"connection to Redis lost: {exc}")
+            self._settle(name, lease, lost, sent_at)
+            raise
+        popped = replies[-2] if lease is not None else replies[-1]
+        result = None if lease is None else self._decode_lease(name, lease, replies[-1])
+        self._settle(name, lease, result, sent_at)
+        leased = isinstance(result, LeaseBatch) and bool(result.tasks)
+        if isinstance(popped, REPLY_ERRORS):
+            raise popped
+        return leased or (popped is not None and popped[0] == keys.wake.encode())
+
+    def _settle(self, name: str, lease: Call[LeaseBatch] | None, result: LeaseResult, sent_at: float) -> None:
+        """A wait is over: hand its lease's outcome over (once per armed lease)."""
+        self._waiting.discard(name)
+        self._armed.discard(name)
+        self._unblocking.discard(name)
+        if lease is not None:
+            self._deliver(name, result, sent_at)
+
+    def _decode_lease(self, name: str, lease: Call[LeaseBatch], reply: Any) -> LeaseResult:
+        """The lease reply as the core decodes it (errors mapped as for any call); None when
+        the script was not loaded (it did not run: load it with the next lease)."""
+        results: list[Any] = [None]
+        again, loads, _ = _absorb([lease], [0], [reply], results)
+        if loads:
+            self._reload.add(name)
+        elif name in self._reload:
+            self._reload.discard(name)
+        if again:
+            return None
+        return results[0]  # type: ignore[no-any-return]
+
+    async def _connection(self, name: str) -> Any:
+        """This listener's own connection: taken from the listener client's pool once and
+        never given back, so closing the client closes it. A connection error leaves it
+        disconnected; the next send reconnects."""
+        conn = self._connections.get(name)
         if conn is None:
             assert isinstance(self._client, aioredis.Redis)
             pool = self._client.connection_pool
-            conn = self._connections[key] = await pool.get_connection()  # type: ignore[no-untyped-call]
-        await conn.send_command("BRPOP", key, self._block_s)
-        return await conn.read_response()
+            conn = self._connections[name] = await pool.get_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()
+        return conn
 
-    async def _pop_cluster(self, key: str) -> Any:
-        return await self._client.execute_command("BRPOP", key, self._block_s)
+    async def _wait_cluster(self, name: str) -> bool:
+        wake = self._keys[name].wake
+        return bool(await self._client.execute_command("BRPOP", wake, self._block_s))
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _never_arm(name: str) -> None:
+    return None
+
+
+def _ignore(name: str, result: LeaseResult, sent_at: float) -> None:
+    return None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 
 from .. import _ops
+from .._ops import LeasedTask
 from .._protocol import raise_first
 from ..errors import InvalidArgumentType, QsyncError
 from ..mux import Handler, Mux
@@ -61,12 +62,15 @@ class Server:
             max_workers=config.concurrency, thread_name_prefix="qsync-handler"
         )
         self.mux.bind(self._executor)
-        wake_keys = [queue.keys(q).wake for q in config.queues]
         self.waker = Waker(
-            _listener_client(queue.client, config.poll_interval), wake_keys, config.poll_interval
+            queue,
+            _listener_client(queue.client, config.poll_interval),
+            list(config.queues),
+            config.poll_interval,
+            config.lease_duration,
         )
         self.committer = Committer(queue, self._settle)
-        self.processor = Processor(queue, self.mux, config, self.committer.submit, self.waker.wait)
+        self.processor = Processor(queue, self.mux, config, self.committer.submit, self.waker)
         self.heartbeat = Heartbeat(queue, config, self.processor.running)
         self.sweeper = Sweeper(queue, config)
         self.registry = Registry(queue, config, lambda: len(self.processor.running))
@@ -108,7 +112,7 @@ class Server:
         log.info("qsync server %s: queues %s, concurrency %d", self.registry.server_id,
                  self.config.queues, self.config.concurrency)  # fmt: skip
         loop = asyncio.get_running_loop()
-        self.waker.start()
+        self.waker.start(self.processor.arm, self.processor.deliver)
         background = [
             loop.create_task(self.heartbeat.run(self._background_stop)),
             loop.create_task(self.sweeper.run(self._background_stop)),
@@ -128,6 +132,10 @@ class Server:
             await processor
         except (QsyncError, asyncio.CancelledError):
             pass
+        # Listeners that carry a lease return it first; what it brought in goes straight back.
+        await self.waker.stop()
+        if self.processor.handback:
+            await self._hand_back(self.processor.handback)
         await self._finish_running()
         self._background_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
@@ -160,9 +168,15 @@ class Server:
         await self.committer.drain(min(2.0, self.config.lease_duration))
 
     async def _requeue(self, jobs: list[Job]) -> None:
-        by_queue: dict[str, list[Job]] = {}
+        await self._hand_back([job.task for job in jobs])
         for job in jobs:
-            by_queue.setdefault(job.task.queue, []).append(job)
+            self.processor.settle(job, False)
+
+    async def _hand_back(self, tasks: list[LeasedTask]) -> None:
+        """Put leased tasks back at the front of their queues without counting an attempt."""
+        by_queue: dict[str, list[LeasedTask]] = {}
+        for task in tasks:
+            by_queue.setdefault(task.queue, []).append(task)
         calls = [_ops.requeue(self.queue.keys(q), group) for q, group in by_queue.items()]
         try:
             results: list[Any] = await self.queue.run_calls(calls)
@@ -173,9 +187,7 @@ class Server:
                 log.warning("could not hand %d tasks back (%s); they return when their leases expire",
                             len(group), result)  # fmt: skip
             else:
-                log.info("handed %d unfinished tasks back to queue %s", sum(result), group[0].task.queue)
-        for job in jobs:
-            self.processor.settle(job, False)
+                log.info("handed %d unfinished tasks back to queue %s", sum(result), group[0].queue)
 
 
 def _listener_client(client: Any, block_s: float) -> Any:

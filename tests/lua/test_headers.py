@@ -44,6 +44,7 @@ BUILDERS: dict[str, Callable[[], _ops.Call[Any]]] = {
     "recover": lambda: _ops.recover(K, 10, 5, 0),
     "trim": lambda: _ops.trim(K, 10, 1000, 10),
     "resume": lambda: _ops.pause(K, False),
+    "unblock": lambda: _ops.unblock(K, "L1"),
 }
 BATCH_ITEMS = 2
 
@@ -118,6 +119,8 @@ def pattern_of(key: str) -> str:
         rest = ":t:<id>"
     elif rest.startswith(":u:") and rest != ":u:":
         rest = ":u:<key>"
+    elif rest.startswith(":wake:"):
+        rest = ":wake:<listener>"
     return TAG_PATTERN + rest
 
 

@@ -36,6 +36,7 @@ from qsync.errors import (
     TaskNotFound,
 )
 from qsync.task import TaskState
+from tests.polling import wait_until
 
 Q = "q"
 ZSETS = ("active", "scheduled", "retry", "archived", "completed")
@@ -490,6 +491,51 @@ def test_resume_wakes_idle_workers_only_when_tasks_wait(benv: Env) -> None:
     assert benv.raw(_ops.pause(benv.k, False)) == 0, "not paused any more"
     assert benv.r.lrange(benv.k.wake, 0, -1) == [b"1"], "the token stays capped at one"
     benv.assert_in("a", "pending")
+
+
+# --- unblock (the worker server's waker) -----------------------------------------------------
+
+
+def _run_unblock(env: Env, listener: str) -> None:
+    results = env.q.run_calls([_ops.unblock(env.k, listener)])
+    raise_first(results)
+
+
+def test_unblock_leaves_one_token_that_expires(benv: Env) -> None:
+    key = benv.k.listener_wake("L1")
+    assert benv.k.owns(key), "a listener's key is in the queue's slot"
+    _run_unblock(benv, "L1")
+    _run_unblock(benv, "L1")
+    assert benv.r.lrange(key, 0, -1) == [b"1"], "capped at one token"
+    assert 0 < benv.r.pttl(key) <= _ops.UNBLOCK_TTL_MS, "a token no listener pops must expire"
+    assert list(benv.snap()) == [key.encode()], "nothing but the listener's key is written"
+
+
+def test_unblock_ends_a_blocked_wait_on_the_listeners_key(env: Env) -> None:
+    key = env.k.listener_wake("L2")
+    blocked = env.r.connection_pool.get_connection()
+    try:
+        blocked.send_command("BRPOP", env.k.wake, key, 30)
+        wait_until(lambda: _blocked_on_brpop(env.r) == 1, "the BRPOP to block")
+        _run_unblock(env, "L2")
+        assert blocked.read_response() == [key.encode(), b"1"]
+    finally:
+        env.r.connection_pool.release(blocked)
+    assert not env.r.exists(key), "a popped token leaves no key behind"
+
+
+def _blocked_on_brpop(client: redis.Redis) -> int:
+    return sum(1 for c in client.client_list() if c.get("cmd") == "brpop")
+
+
+def test_unblock_refuses_a_key_of_another_type_and_writes_nothing(benv: Env) -> None:
+    key = benv.k.listener_wake("L3")
+    benv.r.set(key, "corrupt")
+    frozen = freeze(benv)
+    with pytest.raises(CorruptState) as caught:
+        _run_unblock(benv, "L3")
+    assert caught.value.code is Code.WRONG_TYPE and key in str(caught.value)
+    frozen.unchanged()
 
 
 # --- extend, ack -----------------------------------------------------------------------------
