@@ -24,7 +24,7 @@ from .._priority import allocate, strict_order
 from ..backoff import resolve_delay_ms
 from ..context import Context
 from ..control import RetryAt, RetryIn, SkipRetry
-from ..errors import DeadlineExceeded, QsyncError, TaskTimeout
+from ..errors import DeadlineExceeded, OutcomeUnknown, QsyncError, TaskTimeout
 from ..mux import Mux
 from ._jobs import Job, Outcome
 from ._waker import Waker
@@ -103,6 +103,9 @@ class Processor:
         while not self._stopping.is_set():
             free = self._free()
             if free <= 0:
+                # Full, perhaps only by reservations (a wake-up on a queue without one lands
+                # here): every wait ends, its lease's slots come back, and no full server listens.
+                self._waker.disarm(everyone=True)
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -115,11 +118,24 @@ class Processor:
                 await self._sleep(backoff)
                 continue
             if leased:
-                self._waker.disarm()  # busy: armed listeners give their reserved slots back
+                self._got_work()
             elif not self._stopping.is_set() and self._all_empty():
                 self._empty_since.clear()
-                self._idle_shares = allocate(max(0, self._free()), self._config.queues, self._rng)
+                self._idle_shares = self._shares(max(0, self._free()))
                 await self._waker.wait(self._config.poll_interval)
+
+    def _shares(self, free: int) -> dict[str, int]:
+        """The slots each idle listener may lease with its wake-up. Under strict priority only
+        the first queue's listener leases: the others only wake the server, whose own round
+        then takes the queues in order (a lower queue's lease could run before a higher one's)."""
+        if self._config.strict:
+            return {strict_order(self._config.queues)[0]: free}
+        return allocate(free, self._config.queues, self._rng)
+
+    def _got_work(self) -> None:
+        """Tasks were leased: the armed listeners give their reserved slots back, and once the
+        server is full no listener waits."""
+        self._waker.disarm(everyone=self._free() <= 0)
 
     def arm(self, name: str) -> Call[LeaseBatch] | None:
         """The lease an idle listener of queue ``name`` sends behind its blocking wait, with
@@ -138,14 +154,16 @@ class Processor:
         (or, once stopping, wait in :attr:`handback` to be handed back)."""
         wanted = self._reserved.pop(name, 0)
         self._slot_freed.set()
-        if isinstance(result, QsyncError):
-            log.warning("queue %s: a lease sent with a wake-up failed (%s); if it ran, its tasks "
-                        "come back when their leases expire", name, result)  # fmt: skip
+        if isinstance(result, OutcomeUnknown):
+            log.warning("queue %s: the reply to a lease sent with a wake-up was lost (%s); if it "
+                        "ran, its tasks come back when their leases expire", name, result)  # fmt: skip
+        elif isinstance(result, QsyncError):
+            log.warning("queue %s: a lease sent with a wake-up failed: %s", name, result)
         elif result is not None:
             if self._stopping.is_set():
                 self.handback += result.tasks
             elif self._take(name, wanted, result, sent_at):
-                self._waker.disarm()  # busy: the other listeners give their slots back
+                self._got_work()
 
     def _all_empty(self) -> bool:
         """True when every queue came back short recently: only then is there nothing to do

@@ -45,6 +45,10 @@ __all__ = ["Arm", "Deliver", "Waker"]
 
 log = logging.getLogger("qsync.server")
 
+# The longest an armed wait blocks: if its unblock cannot be written (Redis at maxmemory), the
+# slots it reserved, or a stop, wait at most this long for it.
+MAX_LEASE_BLOCK_S = 2.0
+
 # The lease a listener of a queue sends behind its BRPOP (its slots reserved), or None.
 Arm = Callable[[str], Call[LeaseBatch] | None]
 # That lease's outcome, with the monotonic time it was sent: the tasks, an error, or None when
@@ -69,7 +73,7 @@ class Waker:
         self._keys = {name: queue.keys(name) for name in names}
         self._listener_id = uuid.uuid4().hex[:12]
         self._block_s = max(0.1, block_s)
-        self._lease_block_s = max(0.05, min(self._block_s, lease_duration / 4))
+        self._lease_block_s = max(0.05, min(self._block_s, lease_duration / 4, MAX_LEASE_BLOCK_S))
         # Leases ride behind the BRPOP on a single Redis only: on a cluster the listener's
         # blocking command goes through the cluster client, which owns its connections.
         self._pipelined = isinstance(client, aioredis.Redis)
@@ -102,16 +106,15 @@ class Waker:
             return
         # The flag ends every listener's loop, whatever its last wait ended with.
         self._closing = True
-        waiting = [self._listeners[name] for name in self._waiting]
-        armed = bool(self._armed)
+        armed = [self._listeners[name] for name in self._armed]
         self._unblock(self._waiting)
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self._lease_block_s + 2)
-            if late and armed:
+        if armed:
+            _, late = await asyncio.wait(armed, timeout=self._lease_block_s + 2)
+            if late:
                 log.warning("a wake-up listener did not return; the tasks its lease may have "
                             "taken come back when their leases expire")  # fmt: skip
-        # Listeners not in a wait (or on a cluster) are cancelled; closing the client ends a
-        # read that a cancellation did not.
+        # The other listeners have no lease at stake: they are cancelled (closing the client
+        # ends a read that a cancellation did not).
         tasks = [*self._listeners.values(), *self._background]
         for task in self._listeners.values():
             task.cancel()
@@ -152,10 +155,12 @@ class Waker:
         if self._waiter is not None:
             _resolve(self._waiter)
 
-    def disarm(self) -> None:
-        """End every armed wait now (the processor got busy): each lease runs at once and its
-        reserved slots come back with its reply. Costs nothing when none is armed."""
-        self._unblock(self._armed)
+    def disarm(self, *, everyone: bool = False) -> None:
+        """End every armed wait now (the processor got work): each lease runs at once and its
+        reserved slots come back with its reply. With ``everyone`` (the processor is full),
+        the waits without a lease end too: a server that cannot take work does not pop the
+        wake-ups meant for idle ones. Costs nothing when no listener waits."""
+        self._unblock(self._waiting if everyone else self._armed)
 
     def _unblock(self, names: set[str]) -> None:
         names = names - self._unblocking
