@@ -37,6 +37,7 @@ __all__ = [
     "Exchange",
     "exchange_calls",
     "not_applied",
+    "only_result",
     "packed_pieces",
     "raise_first",
 ]
@@ -214,7 +215,7 @@ def _absorb(
             try:
                 results[i] = call.decode(reply)
             except QsyncError as exc:
-                results[i] = exc
+                results[i] = exc.with_traceback(None)  # a result: its frames would hold the queue
             except (ValueError, TypeError, OverflowError, OSError, IndexError, KeyError) as exc:
                 # Data qsync cannot read (damaged, or written by a newer version): this call's
                 # error, never an exception that would lose the other calls' results. The
@@ -230,4 +231,23 @@ def raise_first(results: list[Any]) -> None:
     """Raise the first error among results (for single operations)."""
     for r in results:
         if isinstance(r, QsyncError):
-            raise r
+            try:
+                raise r
+            finally:
+                del r, results  # see only_result
+
+
+def only_result(results: list[Any]) -> Any:
+    """The result of a single call, raised if it is an error.
+
+    No frame keeps a reference to the error it raises (callers pass the results straight in),
+    so its traceback does not hold the queue in a reference cycle: a queue dropped after an
+    error gives its connection back at once, not at the next garbage collection.
+    """
+    result = results[0]
+    if not isinstance(result, QsyncError):
+        return result
+    try:
+        raise result
+    finally:
+        del result, results
