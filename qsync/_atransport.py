@@ -129,9 +129,7 @@ class AsyncTransport:
             if conn is None:
                 conn = await _pool_connection(pool)
             else:
-                # A spare was idle: like the pool, notice a socket the server closed (or data
-                # nobody read) and reconnect before sending, never after.
-                await pool.ensure_connection(conn)
+                await _check_spare(pool, conn)
         except BaseException as exc:
             if conn is not None:
                 await pool.release(conn)
@@ -165,6 +163,17 @@ class AsyncTransport:
             return await _roundtrip(conn, exchange)
         finally:
             node.release(conn)
+
+
+async def _check_spare(pool: Any, conn: Any) -> None:
+    """The twin of the sync ``_check_spare``: a closed socket or unread data is noticed before
+    sending (by the pool's ensure_connection); an open, quiet one is used as it is."""
+    try:
+        if conn.is_connected and not await conn.can_read():
+            return
+    except redis.ConnectionError:
+        pass
+    await pool.ensure_connection(conn)
 
 
 async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:

@@ -126,9 +126,7 @@ class SyncTransport:
             if conn is None:
                 conn = pool.get_connection()
             else:
-                # A spare was idle: like the pool, notice a socket the server closed (or data
-                # nobody read) and reconnect before sending, never after.
-                pool.ensure_connection(conn)
+                _check_spare(pool, conn)
         except BaseException as exc:
             if conn is not None:
                 pool.release(conn)
@@ -166,6 +164,19 @@ class SyncTransport:
             return _roundtrip(conn, exchange)
         finally:
             pool.release(conn)
+
+
+def _check_spare(pool: Any, conn: Any) -> None:
+    """Make an idle spare ready to send as the pool does for a connection it hands out: a
+    socket the server closed, or one holding data nobody read, is noticed before anything is
+    sent and reconnected (by the pool's own ensure_connection). The open, quiet socket of the
+    common case skips that method's connect() retry wrapper."""
+    try:
+        if conn.is_connected and not conn.can_read():
+            return
+    except redis.ConnectionError:
+        pass
+    pool.ensure_connection(conn)
 
 
 def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
