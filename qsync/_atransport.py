@@ -9,6 +9,7 @@ A transport keeps one idle connection as a spare, as the sync one does.
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -123,8 +124,8 @@ class AsyncTransport:
         if spares is None:
             assert isinstance(self.client, aioredis.RedisCluster)
             return await self._send_cluster(self.client, exchange)
-        pool = spares.pool
-        conn = spares.take()
+        pool, pid = spares.pool, os.getpid()
+        conn = spares.take(pid)
         try:
             if conn is None:
                 conn = await _pool_connection(pool)
@@ -142,7 +143,7 @@ class AsyncTransport:
             await pool.release(conn)
             raise
         spares.loop = asyncio.get_running_loop()
-        for extra in spares.keep(conn):
+        for extra in spares.keep(conn, pid):
             await pool.release(extra)
         return replies
 

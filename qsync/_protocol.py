@@ -169,7 +169,10 @@ def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Ex
                 replies = yield Exchange(commands, calls[todo[0]].keys[0], reroute)
             except ConnectFailed as exc:
                 for i in todo:
-                    results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
+                    if i in resent:  # sent once already, on the connection that broke
+                        results[i] = _failure(calls[i], None, f"connection to Redis lost, then: {exc}")
+                    else:
+                        results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
                 todo = []
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

@@ -47,31 +47,32 @@ class Spares:
         self.conns: list[tuple[int, Any]] = []
         self.closed = False
 
-    def take(self) -> Any | None:
-        """A spare connection of this process, or None."""
+    def take(self, pid: int) -> Any | None:
+        """A spare connection of process ``pid`` (the caller's ``os.getpid()``), or None."""
         while True:
             try:
-                pid, conn = self.conns.pop()
+                owner, conn = self.conns.pop()
             except IndexError:
                 return None
-            if pid == os.getpid():
+            if owner == pid:
                 return conn
 
-    def keep(self, conn: Any) -> list[Any]:
+    def keep(self, conn: Any, pid: int) -> list[Any]:
         """Keep ``conn`` as a spare; returns the connections to give back to the pool (beyond
         MAX_SPARES, or all once closed). Checked after the append, so a racing ``close()`` or
         another thread's ``keep`` never leaves one behind."""
         conns = self.conns
-        conns.append((os.getpid(), conn))
+        conns.append((pid, conn))
         if len(conns) <= MAX_SPARES and not self.closed:
             return []
         return self.take_all(0 if self.closed else MAX_SPARES)
 
     def take_all(self, keep: int = 0) -> list[Any]:
         """Remove this process's spares beyond ``keep`` (inherited ones are dropped)."""
+        pid = os.getpid()
         out = []
         while len(self.conns) > keep:
-            conn = self.take()
+            conn = self.take(pid)
             if conn is None:
                 break
             out.append(conn)
@@ -120,8 +121,8 @@ class SyncTransport:
         spares = self._spares
         if spares is None:
             return self._send_pooled(exchange)
-        pool = spares.pool
-        conn = spares.take()
+        pool, pid = spares.pool, os.getpid()
+        conn = spares.take(pid)
         try:
             if conn is None:
                 conn = pool.get_connection()
@@ -138,7 +139,7 @@ class SyncTransport:
         except BaseException:
             pool.release(conn)
             raise
-        for extra in spares.keep(conn):
+        for extra in spares.keep(conn, pid):
             pool.release(extra)
         return replies
 
