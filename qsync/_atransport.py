@@ -79,7 +79,7 @@ async def _pool_connection(pool: Any) -> Any:
         return await pool.get_connection()
     except MaxConnectionsError:
         loop = asyncio.get_running_loop()
-        pending = [t for t in _RELEASING if t.get_loop() is loop]
+        pending = [t for t in tuple(_RELEASING) if t.get_loop() is loop]  # other loops' threads add too
         if not pending:
             raise
         await asyncio.wait(pending)
