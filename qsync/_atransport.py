@@ -3,21 +3,87 @@
 Commands go straight onto a pooled connection so that redis-py's automatic retry never
 re-sends a state-changing script, and replies are read undecoded (binary payloads survive
 ``decode_responses=True``). A cancelled call drops its connection: a reply may be in flight.
+A transport keeps one idle connection as a spare, as the sync one does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException
+from redis.exceptions import MaxConnectionsError, RedisClusterException
 
 from ._ops import Call
 from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
+from ._transport import Spares
 
 __all__ = ["AsyncTransport"]
+
+_CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class _LoopSpares(Spares):
+    """Spares and the event loop that last used them (their pool is released on it)."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__(pool)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+# Tasks giving back the spares of transports collected without close(): the finalizer cannot
+# await the pool, so a task on the spares' loop does it (kept here until done).
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+def _release_later(spares: _LoopSpares) -> None:
+    spares.closed = True
+    conns, loop = spares.take_all(), spares.loop
+    if not conns or loop is None or loop.is_closed():
+        return  # a closed loop's connections can no longer be awaited, by the pool or anyone
+
+    def start() -> None:
+        task = loop.create_task(_give_back(spares.pool, conns))
+        _RELEASING.add(task)
+        task.add_done_callback(_RELEASING.discard)
+
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        start()
+    else:
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop closed in the meantime
+            pass
+
+
+async def _give_back(pool: Any, conns: list[Any]) -> None:
+    for conn in conns:
+        await pool.release(conn)
+
+
+async def _pool_connection(pool: Any) -> Any:
+    """A connection from the pool. A pool at max_connections may be waiting only for the
+    spares of queues just dropped (their release is a task that has not run yet): wait for
+    those once and ask again."""
+    try:
+        return await pool.get_connection()
+    except MaxConnectionsError:
+        loop = asyncio.get_running_loop()
+        pending = [t for t in tuple(_RELEASING) if t.get_loop() is loop]  # other loops' threads add too
+        if not pending:
+            raise
+        await asyncio.wait(pending)
+        return await pool.get_connection()
 
 
 class AsyncTransport:
@@ -26,6 +92,17 @@ class AsyncTransport:
     def __init__(self, client: aioredis.Redis | aioredis.RedisCluster) -> None:
         self.client = client
         self.by_slot = isinstance(client, aioredis.RedisCluster)
+        self._spares: _LoopSpares | None = None
+        if isinstance(client, aioredis.Redis):
+            self._spares = _LoopSpares(client.connection_pool)
+            weakref.finalize(self, _release_later, self._spares)
+
+    async def close(self) -> None:
+        """Give the spare connection back to the client's pool."""
+        spares = self._spares
+        if spares is not None:
+            spares.closed = True
+            await _give_back(spares.pool, spares.take_all())
 
     async def run(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one round trip per node; one result or QsyncError per call."""
@@ -43,19 +120,32 @@ class AsyncTransport:
             return done.value  # type: ignore[no-any-return]
 
     async def _send(self, exchange: Exchange) -> list[Any]:
-        client = self.client
-        if isinstance(client, aioredis.RedisCluster):
-            return await self._send_cluster(client, exchange)
-        pool = client.connection_pool
+        spares = self._spares
+        if spares is None:
+            assert isinstance(self.client, aioredis.RedisCluster)
+            return await self._send_cluster(self.client, exchange)
+        pool, pid = spares.pool, os.getpid()
+        conn = spares.take(pid)
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            await conn.connect()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise ConnectFailed(str(exc)) from exc
+            if conn is None:
+                conn = await _pool_connection(pool)
+            else:
+                await _check_spare(pool, conn)
+        except BaseException as exc:
+            if conn is not None:
+                await pool.release(conn)
+            if isinstance(exc, _CONNECT_ERRORS):
+                raise ConnectFailed(str(exc)) from exc
+            raise
         try:
-            return await _roundtrip(conn, exchange)
-        finally:
+            replies = await _roundtrip(conn, exchange)
+        except BaseException:
             await pool.release(conn)
+            raise
+        spares.loop = asyncio.get_running_loop()
+        for extra in spares.keep(conn, pid):
+            await pool.release(extra)
+        return replies
 
     async def _send_cluster(self, client: aioredis.RedisCluster, exchange: Exchange) -> list[Any]:
         try:
@@ -68,12 +158,23 @@ class AsyncTransport:
                 raise ConnectFailed(f"no node serves the slot of {exchange.route_key!r}")
             conn = node.acquire_connection()
             await conn.connect()  # type: ignore[no-untyped-call]
-        except (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException) as exc:
+        except (*_CONNECT_ERRORS, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
             return await _roundtrip(conn, exchange)
         finally:
             node.release(conn)
+
+
+async def _check_spare(pool: Any, conn: Any) -> None:
+    """The twin of the sync ``_check_spare``: a closed socket or unread data is noticed before
+    sending (by the pool's ensure_connection); an open, quiet one is used as it is."""
+    try:
+        if conn.is_connected and not await conn.can_read():
+            return
+    except redis.ConnectionError:
+        pass
+    await pool.ensure_connection(conn)
 
 
 async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
@@ -85,7 +186,7 @@ async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
             try:
                 replies.append(await conn.read_response(disable_decoding=True))
             except REPLY_ERRORS as err:
-                replies.append(err)
+                replies.append(err.with_traceback(None))  # a reply, not a failure here: no frames kept
         return replies
     except BaseException:
         await conn.disconnect()

@@ -4,8 +4,7 @@ checks and the building of calls. No I/O here (the httpx ``BaseClient`` idea).""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _ops
 from . import _validate as check
@@ -31,8 +30,7 @@ HARD_MAX_PAYLOAD = 64 * 1024 * 1024
 MIN_REDIS = (7, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class _Enqueue:
+class _Enqueue(NamedTuple):
     queue: str
     batch: list[Task]
     calls: list[Call[Any]]
@@ -87,6 +85,8 @@ class QueueBase:
             if results[0] is None:
                 self._registered.add(plan.queue)
             results = results[1:]
+        if len(results) == 1 and isinstance(results[0], list):
+            return results[0]  # one script call answered task by task (every single enqueue)
         out: list[TaskInfo | QsyncError] = []
         for index, chunk in enumerate(results):
             size = min(_ops.ENQUEUE_CHUNK, len(plan.batch) - index * _ops.ENQUEUE_CHUNK)

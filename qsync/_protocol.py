@@ -11,9 +11,8 @@ MOVED/ASK replies (the script did not run), and connection errors for idempotent
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import hiredis
 from redis import exceptions as rex
@@ -37,6 +36,7 @@ __all__ = [
     "Exchange",
     "exchange_calls",
     "not_applied",
+    "only_result",
     "packed_pieces",
     "raise_first",
 ]
@@ -76,8 +76,7 @@ class ConnectFailed(Exception):
     """Raised by a driver when no connection could be made: nothing was sent."""
 
 
-@dataclass(frozen=True, slots=True)
-class Exchange:
+class Exchange(NamedTuple):
     """Commands to send on one connection, to the node that owns ``route_key``'s slot."""
 
     commands: list[tuple[Any, ...]]
@@ -91,11 +90,17 @@ class Exchange:
 SEND_PIECE_BYTES = 16 * 1024
 
 
-def packed_pieces(commands: Sequence[tuple[Any, ...]]) -> Iterator[bytes]:
+def packed_pieces(commands: Sequence[tuple[Any, ...]]) -> Iterable[bytes]:
     """The RESP bytes of ``commands``, packed by hiredis (redis-py's asyncio connection packs
     in Python, a tenth of a worker's time at full speed), in pieces of at least
     SEND_PIECE_BYTES but the last. Arguments are str (UTF-8), bytes or int, checked when each
     call was built, so packing does not fail on user input."""
+    if len(commands) == 1:
+        return (hiredis.pack_command(commands[0]),)
+    return _pieces(commands)
+
+
+def _pieces(commands: Sequence[tuple[Any, ...]]) -> Iterator[bytes]:
     piece: list[bytes] = []
     size = 0
     for command in commands:
@@ -152,29 +157,44 @@ def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Ex
     """Run ``calls``; see the module docstring for the driver's side of the contract."""
     results: list[Any] = [None] * len(calls)
     for group in _group(calls, by_slot):
-        todo, loads, reroute = group, set[str](), False
+        todo, loads, reroute = group, _NO_LOADS, False
         resent: set[int] = set()
         for _ in range(MAX_ROUNDS):
             if not todo:
                 break
-            scripts = {s.sha: s for s in (calls[i].script for i in todo) if s is not None and s.sha in loads}
-            commands = [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
-            commands += [calls[i].command() for i in todo]
+            commands = [calls[i].command() for i in todo]
+            if loads:  # NOSCRIPT answered before: load each script first, in the same exchange
+                commands[:0] = _script_loads(calls, todo, loads)
             try:
                 replies = yield Exchange(commands, calls[todo[0]].keys[0], reroute)
             except ConnectFailed as exc:
                 for i in todo:
-                    results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
+                    if i in resent:  # sent once already, on the connection that broke
+                        results[i] = _failure(calls[i], None, f"connection to Redis lost, then: {exc}")
+                    else:
+                        results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
                 todo = []
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 todo = _after_broken_connection(calls, todo, exc, resent, results)
-                loads, reroute = set(), False
+                loads, reroute = _NO_LOADS, False
                 continue
-            todo, loads, reroute = _absorb(calls, todo, replies[len(scripts) :], results)
+            if len(replies) > len(todo):
+                replies = replies[len(replies) - len(todo) :]  # the SCRIPT LOAD replies
+            todo, loads, reroute = _absorb(calls, todo, replies, results)
         for i in todo:
             results[i] = _failure(calls[i], False, "Redis kept redirecting or reloading; giving up")
     return results
+
+
+_NO_LOADS: frozenset[str] = frozenset()
+
+
+def _script_loads(
+    calls: Sequence[Call[Any]], todo: list[int], loads: frozenset[str]
+) -> list[tuple[Any, ...]]:
+    scripts = {s.sha: s for s in (calls[i].script for i in todo) if s is not None and s.sha in loads}
+    return [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
 
 
 def _after_broken_connection(
@@ -194,27 +214,19 @@ def _after_broken_connection(
 
 def _absorb(
     calls: Sequence[Call[Any]], todo: list[int], replies: list[Any], results: list[Any]
-) -> tuple[list[int], set[str], bool]:
+) -> tuple[list[int], frozenset[str], bool]:
     """Decode replies into results; return the calls to send again (NOSCRIPT: load the script
     first; MOVED/ASK: refresh the routes first). Neither reply means the script ran."""
     again: list[int] = []
-    loads: set[str] = set()
+    loads: frozenset[str] = _NO_LOADS
     reroute = False
     for i, reply in zip(todo, replies, strict=True):
         call = calls[i]
-        if isinstance(reply, NoScriptError) and call.script is not None:
-            loads.add(call.script.sha)
-            again.append(i)
-        elif isinstance(reply, REPLY_ERRORS) and error_code(reply) in _REROUTE:
-            reroute = True
-            again.append(i)
-        elif isinstance(reply, REPLY_ERRORS):
-            results[i] = _classify_reply_error(call, reply)
-        else:
+        if not isinstance(reply, REPLY_ERRORS):
             try:
                 results[i] = call.decode(reply)
             except QsyncError as exc:
-                results[i] = exc
+                results[i] = exc.with_traceback(None)  # a result: its frames would hold the queue
             except (ValueError, TypeError, OverflowError, OSError, IndexError, KeyError) as exc:
                 # Data qsync cannot read (damaged, or written by a newer version): this call's
                 # error, never an exception that would lose the other calls' results. The
@@ -223,6 +235,14 @@ def _absorb(
                     f"{call.op} on queue {call.queue!r}: cannot read Redis's reply "
                     f"({type(exc).__name__}); the task's data is damaged or from a newer qsync"
                 )
+        elif isinstance(reply, NoScriptError) and call.script is not None:
+            loads |= {call.script.sha}
+            again.append(i)
+        elif error_code(reply) in _REROUTE:
+            reroute = True
+            again.append(i)
+        else:
+            results[i] = _classify_reply_error(call, reply)
     return again, loads, reroute
 
 
@@ -230,4 +250,23 @@ def raise_first(results: list[Any]) -> None:
     """Raise the first error among results (for single operations)."""
     for r in results:
         if isinstance(r, QsyncError):
-            raise r
+            try:
+                raise r
+            finally:
+                del r, results  # see only_result
+
+
+def only_result(results: list[Any]) -> Any:
+    """The result of a single call, raised if it is an error.
+
+    No frame keeps a reference to the error it raises (callers pass the results straight in),
+    so its traceback does not hold the queue in a reference cycle: a queue dropped after an
+    error gives its connection back at once, not at the next garbage collection.
+    """
+    result = results[0]
+    if not isinstance(result, QsyncError):
+        return result
+    try:
+        raise result
+    finally:
+        del result, results

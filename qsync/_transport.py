@@ -3,10 +3,16 @@
 Commands go straight onto a connection taken from the client's pool (not through
 ``execute_command``) so that redis-py's automatic retry never re-sends a state-changing script,
 and replies are read undecoded so binary payloads survive ``decode_responses=True``.
+
+A transport keeps one idle connection of the pool as a spare (see :class:`Spares`): a single
+call then skips the pool's checkout and release, which cost as much Python time as the rest of
+an enqueue. Cluster clients take every connection from the pool.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +22,68 @@ from redis.exceptions import RedisClusterException
 from ._ops import Call
 from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
 
-__all__ = ["SyncTransport"]
+__all__ = ["MAX_SPARES", "Spares", "SyncTransport"]
+
+# Idle connections a transport keeps out of the pool: one serves a single thread's calls
+# back to back; more threads share the pool as before. Each is a connection the rest of the
+# application cannot take from a pool with max_connections while the queue lives.
+MAX_SPARES = 1
+_CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class Spares:
+    """A transport's idle connections, with the pool they belong to and return to.
+
+    It holds no reference to its transport, so the transport's ``weakref.finalize`` can give
+    the connections back when a queue is dropped without ``close()``. Each connection is kept
+    with the pid that used it: a forked child drops the parent's (it must never use or shut
+    down the parent's sockets), and ``list.pop`` hands each one to exactly one thread.
+    """
+
+    __slots__ = ("closed", "conns", "pool")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.conns: list[tuple[int, Any]] = []
+        self.closed = False
+
+    def take(self, pid: int) -> Any | None:
+        """A spare connection of process ``pid`` (the caller's ``os.getpid()``), or None."""
+        while True:
+            try:
+                owner, conn = self.conns.pop()
+            except IndexError:
+                return None
+            if owner == pid:
+                return conn
+
+    def keep(self, conn: Any, pid: int) -> list[Any]:
+        """Keep ``conn`` as a spare; returns the connections to give back to the pool (beyond
+        MAX_SPARES, or all once closed). Checked after the append, so a racing ``close()`` or
+        another thread's ``keep`` never leaves one behind."""
+        conns = self.conns
+        conns.append((pid, conn))
+        if len(conns) <= MAX_SPARES and not self.closed:
+            return []
+        return self.take_all(0 if self.closed else MAX_SPARES)
+
+    def take_all(self, keep: int = 0) -> list[Any]:
+        """Remove this process's spares beyond ``keep`` (inherited ones are dropped)."""
+        pid = os.getpid()
+        out = []
+        while len(self.conns) > keep:
+            conn = self.take(pid)
+            if conn is None:
+                break
+            out.append(conn)
+        return out
+
+
+def _release(spares: Spares) -> None:
+    """Give every spare back to its pool (on close, and when the transport is collected)."""
+    spares.closed = True
+    for conn in spares.take_all():
+        spares.pool.release(conn)
 
 
 class SyncTransport:
@@ -25,6 +92,15 @@ class SyncTransport:
     def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
         self.client = client
         self.by_slot = isinstance(client, redis.RedisCluster)
+        self._spares: Spares | None = None
+        if isinstance(client, redis.Redis):
+            self._spares = Spares(client.connection_pool)
+            weakref.finalize(self, _release, self._spares)
+
+    def close(self) -> None:
+        """Give the spare connection back to the client's pool."""
+        if self._spares is not None:
+            _release(self._spares)
 
     def run(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one round trip per node; one result or QsyncError per call."""
@@ -41,36 +117,79 @@ class SyncTransport:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    def _pool(self, exchange: Exchange) -> Any:
-        client = self.client
-        if isinstance(client, redis.RedisCluster):
-            if exchange.refresh_routes:
-                client.nodes_manager.initialize()
-            node = client.get_node_from_key(exchange.route_key)  # type: ignore[no-untyped-call]
-            return client.get_redis_connection(node).connection_pool
-        return client.connection_pool
-
     def _send(self, exchange: Exchange) -> list[Any]:
+        spares = self._spares
+        if spares is None:
+            return self._send_pooled(exchange)
+        pool, pid = spares.pool, os.getpid()
+        conn = spares.take(pid)
         try:
-            pool = self._pool(exchange)
+            if conn is None:
+                conn = pool.get_connection()
+            else:
+                _check_spare(pool, conn)
+        except BaseException as exc:
+            if conn is not None:
+                pool.release(conn)
+            if isinstance(exc, _CONNECT_ERRORS):
+                raise ConnectFailed(str(exc)) from exc
+            raise
+        try:
+            replies = _roundtrip(conn, exchange)
+        except BaseException:
+            pool.release(conn)
+            raise
+        for extra in spares.keep(conn, pid):
+            pool.release(extra)
+        return replies
+
+    def _send_pooled(self, exchange: Exchange) -> list[Any]:
+        client = self.client
+        pool: Any
+        try:
+            if isinstance(client, redis.RedisCluster):
+                if exchange.refresh_routes:
+                    client.nodes_manager.initialize()
+                node = client.get_node_from_key(exchange.route_key)  # type: ignore[no-untyped-call]
+                pool = client.get_redis_connection(node).connection_pool
+            else:
+                pool = client.connection_pool
             conn = pool.get_connection()
-        except (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException) as exc:
+        except (*_CONNECT_ERRORS, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
             try:
                 conn.connect()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except _CONNECT_ERRORS as exc:
                 raise ConnectFailed(str(exc)) from exc
-            conn.send_packed_command(packed_pieces(exchange.commands), check_health=False)
-            replies: list[Any] = []
-            for _ in exchange.commands:
-                try:
-                    replies.append(conn.read_response(disable_decoding=True))
-                except REPLY_ERRORS as err:
-                    replies.append(err)
-            return replies
-        except BaseException:
-            conn.disconnect()
-            raise
+            return _roundtrip(conn, exchange)
         finally:
             pool.release(conn)
+
+
+def _check_spare(pool: Any, conn: Any) -> None:
+    """Make an idle spare ready to send as the pool does for a connection it hands out: a
+    socket the server closed, or one holding data nobody read, is noticed before anything is
+    sent and reconnected (by the pool's own ensure_connection). The open, quiet socket of the
+    common case skips that method's connect() retry wrapper."""
+    try:
+        if conn.is_connected and not conn.can_read():
+            return
+    except redis.ConnectionError:
+        pass
+    pool.ensure_connection(conn)
+
+
+def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
+    try:
+        conn.send_packed_command(packed_pieces(exchange.commands), check_health=False)
+        replies: list[Any] = []
+        for _ in exchange.commands:
+            try:
+                replies.append(conn.read_response(disable_decoding=True))
+            except REPLY_ERRORS as err:
+                replies.append(err.with_traceback(None))  # a reply, not a failure here: no frames kept
+        return replies
+    except BaseException:
+        conn.disconnect()
+        raise

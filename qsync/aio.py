@@ -18,7 +18,7 @@ from ._atransport import AsyncTransport
 from ._base import DEFAULT_MAX_PAYLOAD, DEFAULT_QUEUE, QueueBase
 from ._keys import validate_name
 from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverResult, TrimResult
-from ._protocol import raise_first
+from ._protocol import only_result
 from .errors import InvalidArgumentType, QsyncError
 from .server.api import AsyncServing
 from .task import MAX_ID_BYTES, Seconds, Task, TaskInfo, TaskState
@@ -64,9 +64,7 @@ class AsyncQueue(QueueBase, AsyncServing):
         return await self._transport.run(calls)
 
     async def _one(self, call: Call[T]) -> T:
-        results = await self.run_calls([call])
-        raise_first(results)
-        return results[0]  # type: ignore[no-any-return]
+        return only_result(await self.run_calls([call]))  # type: ignore[no-any-return]
 
     async def enqueue(self, task: Task, *, queue: str = DEFAULT_QUEUE) -> TaskInfo:
         """Put one task on ``queue``.
@@ -84,10 +82,7 @@ class AsyncQueue(QueueBase, AsyncServing):
         if not isinstance(task, Task):
             raise InvalidArgumentType(f"enqueue takes a qsync.Task, not {type(task).__name__}")
         plan = self._prepare_enqueue([task], queue)
-        result = self._finish_enqueue(plan, await self.run_calls(plan.calls))[0]
-        if isinstance(result, QsyncError):
-            raise result
-        return result
+        return only_result(self._finish_enqueue(plan, await self.run_calls(plan.calls)))  # type: ignore[no-any-return]
 
     async def enqueue_many(
         self, tasks: Iterable[Task], *, queue: str = DEFAULT_QUEUE
@@ -173,5 +168,8 @@ class AsyncQueue(QueueBase, AsyncServing):
         return await self._one(self._trim_call(queue, limit, archived_max_age, archived_max_count))
 
     async def close(self) -> None:
-        """Stop using this queue. The Redis client stays open: it belongs to the caller."""
+        """Stop using this queue and give its idle connection back to the client's pool. The
+        Redis client stays open: it belongs to the caller. A queue dropped without close()
+        gives it back when it is garbage-collected."""
         self._closed = True
+        await self._transport.close()

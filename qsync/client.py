@@ -17,7 +17,7 @@ from . import _validate as check
 from ._base import DEFAULT_MAX_PAYLOAD, DEFAULT_QUEUE, QueueBase
 from ._keys import validate_name
 from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverResult, TrimResult
-from ._protocol import raise_first
+from ._protocol import only_result
 from ._transport import SyncTransport
 from .errors import InvalidArgumentType, QsyncError
 from .server.api import SyncServing
@@ -64,9 +64,7 @@ class Queue(QueueBase, SyncServing):
         return self._transport.run(calls)
 
     def _one(self, call: Call[T]) -> T:
-        results = self.run_calls([call])
-        raise_first(results)
-        return results[0]  # type: ignore[no-any-return]
+        return only_result(self.run_calls([call]))  # type: ignore[no-any-return]
 
     def enqueue(self, task: Task, *, queue: str = DEFAULT_QUEUE) -> TaskInfo:
         """Put one task on ``queue``.
@@ -84,10 +82,7 @@ class Queue(QueueBase, SyncServing):
         if not isinstance(task, Task):
             raise InvalidArgumentType(f"enqueue takes a qsync.Task, not {type(task).__name__}")
         plan = self._prepare_enqueue([task], queue)
-        result = self._finish_enqueue(plan, self.run_calls(plan.calls))[0]
-        if isinstance(result, QsyncError):
-            raise result
-        return result
+        return only_result(self._finish_enqueue(plan, self.run_calls(plan.calls)))  # type: ignore[no-any-return]
 
     def enqueue_many(
         self, tasks: Iterable[Task], *, queue: str = DEFAULT_QUEUE
@@ -169,5 +164,8 @@ class Queue(QueueBase, SyncServing):
         return self._one(self._trim_call(queue, limit, archived_max_age, archived_max_count))
 
     def close(self) -> None:
-        """Stop using this queue. The Redis client stays open: it belongs to the caller."""
+        """Stop using this queue and give its idle connection back to the client's pool. The
+        Redis client stays open: it belongs to the caller. A queue dropped without close()
+        gives it back when it is garbage-collected."""
         self._closed = True
+        self._transport.close()

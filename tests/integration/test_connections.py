@@ -1,0 +1,208 @@
+"""How a queue borrows connections: it keeps one idle connection of the client's pool as a spare
+(a single call then skips the pool's checkout), and must give it back on ``close()`` and when
+the queue is dropped without it, never use a socket the server closed, and never touch a
+parent's socket after a fork. Pools with a small ``max_connections`` show any leak as an error.
+Private Redis servers, stopped by pid; no sleeps, no timing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+import qsync
+from qsync import Task, TaskState
+from qsync.errors import TaskIdConflict, TaskNotFound
+from tests.redis_procs import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    started = RedisServer().start()
+    yield started
+    started.cleanup()
+
+
+def sync_client(server: RedisServer, max_connections: int) -> redis.Redis:
+    # from_pool: the client owns the pool, so closing the client closes every connection.
+    return redis.Redis.from_pool(redis.ConnectionPool(port=server.port, max_connections=max_connections))
+
+
+def async_client(server: RedisServer, max_connections: int) -> aioredis.Redis:
+    return aioredis.Redis.from_pool(
+        aioredis.ConnectionPool(port=server.port, max_connections=max_connections)
+    )
+
+
+def every_connection_is_free(pool: redis.ConnectionPool) -> None:
+    """All max_connections connections can be taken at once: the queues hold none."""
+    taken = [pool.get_connection() for _ in range(pool.max_connections)]
+    for conn in taken:
+        pool.release(conn)
+
+
+async def every_connection_is_free_async(pool: aioredis.ConnectionPool) -> None:
+    taken = [await pool.get_connection() for _ in range(pool.max_connections)]  # type: ignore[no-untyped-call]
+    for conn in taken:
+        await pool.release(conn)
+
+
+def test_queues_dropped_without_close_give_their_connection_back(server: RedisServer) -> None:
+    client = sync_client(server, max_connections=1)
+    try:
+        for i in range(50):  # a queue per web request, never closed
+            info = qsync.new(client, prefix="drop").enqueue(Task("t", b"x", task_id=f"d-{i}"))
+            assert info.state is TaskState.PENDING
+        every_connection_is_free(client.connection_pool)
+        assert client.llen("{drop:default}:pending") == 50
+    finally:
+        client.close()
+
+
+def test_queues_dropped_after_errors_give_their_connection_back_at_once(server: RedisServer) -> None:
+    # An error's traceback must not hold the queue in a reference cycle: that would keep the
+    # connection until the next garbage collection, and this pool has only one.
+    client = sync_client(server, max_connections=1)
+    try:
+        for i in range(30):
+            queue = qsync.new(client, prefix="errors")
+            if i % 10 == 0:
+                client.script_flush()  # NOSCRIPT replies on the way too
+            queue.enqueue(Task("t", b"x", task_id=f"e-{i}"))
+            try:
+                queue.enqueue(Task("t", b"other content", task_id=f"e-{i}"))
+            except TaskIdConflict:
+                pass
+            try:
+                queue.info("missing")
+            except TaskNotFound:
+                pass
+            del queue
+        every_connection_is_free(client.connection_pool)
+    finally:
+        client.close()
+
+
+def test_a_live_queue_holds_at_most_one_connection_and_close_gives_it_back(server: RedisServer) -> None:
+    client = sync_client(server, max_connections=2)
+    try:
+        queue = qsync.new(client, prefix="hold")
+        for i in range(20):
+            queue.enqueue(Task("t", b"x", task_id=f"h-{i}"))
+            assert client.ping()  # the application still gets the pool's other connection
+        queue.close()
+        every_connection_is_free(client.connection_pool)
+    finally:
+        client.close()
+
+
+def test_many_threads_share_one_queue_and_leave_every_connection_in_the_pool(server: RedisServer) -> None:
+    client = redis.Redis.from_pool(redis.BlockingConnectionPool(port=server.port, max_connections=4))
+    try:
+        queue = qsync.new(client, prefix="threads")
+
+        def produce(worker: int) -> list[TaskState]:
+            return [queue.enqueue(Task("t", b"x", task_id=f"w{worker}-{i}")).state for i in range(100)]
+
+        with ThreadPoolExecutor(8) as pool:
+            states = [s for batch in pool.map(produce, range(8)) for s in batch]
+        assert states == [TaskState.PENDING] * 800
+        assert client.llen("{threads:default}:pending") == 800
+        queue.close()
+        every_connection_is_free(client.connection_pool)
+    finally:
+        client.close()
+
+
+def test_a_spare_the_server_closed_is_replaced_before_anything_is_sent(server: RedisServer) -> None:
+    client = sync_client(server, max_connections=2)
+    admin = server.client()
+    try:
+        queue = qsync.new(client, prefix="killed")
+        queue.enqueue(Task("t", b"x", task_id="k-1"))
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        # lease is never re-sent after a broken connection: had it gone out on the closed
+        # socket, its reply would be lost and it would raise OutcomeUnknown.
+        [leased] = queue.lease("default").tasks
+        assert leased.id == "k-1"
+        queue.close()
+    finally:
+        admin.close()
+        client.close()
+
+
+def test_a_forked_child_never_uses_or_shuts_down_the_parents_spare(server: RedisServer) -> None:
+    client = sync_client(server, max_connections=4)
+    admin = server.client()
+    try:
+        queue = qsync.new(client, prefix="fork")
+        queue.enqueue(Task("t", b"x", task_id="parent-1"))  # the parent's spare
+        before = int(admin.info("stats")["total_connections_received"])
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about forking while other threads run; this child leaves at once.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: leaves at once, whatever happens
+            code = 1
+            try:
+                code = 0 if queue.enqueue(Task("t", b"x", task_id="child-1")).id == "child-1" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert queue.enqueue(Task("t", b"x", task_id="parent-2")).id == "parent-2"
+        # One new connection, the child's: the parent's spare was neither used nor shut down
+        # by the child (a shut-down socket would have made the parent reconnect).
+        assert int(admin.info("stats")["total_connections_received"]) - before == 1
+        assert sorted(admin.lrange("{fork:default}:pending", 0, -1)) == [b"child-1", b"parent-1", b"parent-2"]
+        queue.close()
+    finally:
+        admin.close()
+        client.close()
+
+
+async def test_async_queues_dropped_without_close_give_their_connection_back(server: RedisServer) -> None:
+    client = async_client(server, max_connections=1)
+    try:
+        for i in range(50):
+            info = await qsync.new(client, prefix="adrop").enqueue(Task("t", b"x", task_id=f"d-{i}"))
+            assert info.state is TaskState.PENDING
+        # A dropped queue's spare goes back to the pool in a task on the loop (a pool is
+        # released by awaiting it); with one connection allowed, a new queue gets it only so.
+        last = qsync.new(client, prefix="adrop")
+        assert (await last.info("d-49")).state is TaskState.PENDING
+        await last.close()
+        await every_connection_is_free_async(client.connection_pool)
+        assert await client.llen("{adrop:default}:pending") == 50
+    finally:
+        await client.aclose()
+
+
+async def test_a_live_async_queue_holds_at_most_one_connection_and_close_gives_it_back(
+    server: RedisServer,
+) -> None:
+    client = async_client(server, max_connections=2)
+    try:
+        queue = qsync.new(client, prefix="ahold")
+
+        async def produce(worker: int) -> None:
+            for i in range(20):
+                await queue.enqueue(Task("t", b"x", task_id=f"w{worker}-{i}"))
+
+        await produce(0)
+        assert await client.ping()
+        # Concurrent calls: one uses the spare, the other the pool's last connection.
+        await asyncio.gather(produce(1), produce(2))
+        assert await client.llen("{ahold:default}:pending") == 60
+        await queue.close()
+        await every_connection_is_free_async(client.connection_pool)
+    finally:
+        await client.aclose()
