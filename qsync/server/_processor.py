@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .. import _faults
-from .._ops import LeaseBatch, LeasedTask
+from .._ops import MAX_LEASE_BATCH, LeaseBatch, LeasedTask
 from .._priority import allocate, strict_order
 from ..backoff import resolve_delay_ms
 from ..context import Context
@@ -40,6 +40,13 @@ EMPTY_SKIP_S = 0.05
 
 # Attempts time out at most this late (seconds): the granularity of the timeout buckets.
 TIMEOUT_TICK = 0.005
+
+# A lease round asks for at most this share of the concurrency. Quick tasks leased together
+# finish and are acked together, so their slots come free at once; leased again as one batch
+# they would keep Redis and this process waiting on each other in turns (lease, run, ack, lease).
+# In three staggered batches Redis runs one batch's lease or ack while this process runs
+# another's handlers. (One call also takes at most MAX_LEASE_BATCH, lease.lua's limit.)
+LEASE_SPLIT = 3
 
 
 class Processor:
@@ -66,6 +73,7 @@ class Processor:
         self._stopping = asyncio.Event()
         self._empty_since: dict[str, float] = {}
         self._rng = random.Random()
+        self._lease_batch = min(MAX_LEASE_BATCH, -(-config.concurrency // LEASE_SPLIT))
         self.stats = {"leased": 0, "succeeded": 0, "failed": 0, "lost": 0}
 
     def stop_leasing(self) -> None:
@@ -119,6 +127,7 @@ class Processor:
             pass
 
     async def _lease_round(self, free: int) -> int:
+        free = min(free, self._lease_batch)
         weights = self._config.queues
         if self._config.strict:
             leased = 0

@@ -1,0 +1,119 @@
+"""The processor and committer on an in-memory stand-in for Redis: how a burst of free slots is
+leased, and what each attempt costs the event loop. (The same code on a real Redis is tested in
+tests/integration; here the calls are only counted, so no Redis server is needed.)"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from qsync import Context, LeasedTask, Mux
+from qsync._keys import QueueKeys, keys_for
+from qsync._ops import Call, LeaseBatch, TaskState, lease
+from qsync.server._committer import Committer
+from qsync.server._processor import Processor
+from qsync.server.config import ServerConfig
+
+_ids = itertools.count()
+
+
+class FakeQueue:
+    """Answers lease, ack and fail calls from a counter of waiting tasks; records every call."""
+
+    prefix = "unit"
+
+    def __init__(self, waiting: int, timeout_ms: int = 0) -> None:
+        self.waiting = waiting
+        self.timeout_ms = timeout_ms
+        self.lease_counts: list[int] = []
+        self.acked = 0
+        self.failed = 0
+        self.all_settled = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.total = waiting
+
+    def keys(self, name: str) -> QueueKeys:
+        return keys_for(self.prefix, name)
+
+    def _lease_call(self, name: str, count: int, lease_duration: float) -> Call[LeaseBatch]:
+        return lease(self.keys(name), count, int(lease_duration * 1000))
+
+    def task(self, name: str = "default", timeout_ms: int = 0) -> LeasedTask:
+        n = next(_ids)
+        return LeasedTask(f"t{n}", f"tok-{n}", name, "t", b"", 0, 3, timeout_ms, 0, -1)
+
+    async def run_calls(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        await asyncio.sleep(0)  # a round trip yields to the loop
+        out: list[Any] = []
+        for call in calls:
+            if call.op == "lease":
+                count = min(call.args[0], self.waiting)
+                self.waiting -= count
+                self.lease_counts.append(call.args[0])
+                tasks = [self.task(call.queue, self.timeout_ms) for _ in range(count)]
+                out.append(LeaseBatch(0, 0, tasks, 0, 0, 0))
+            elif call.op == "ack":
+                self.acked += len(call.args) // 2
+                out.append([True] * (len(call.args) // 2))
+            elif call.op == "fail":
+                self.failed += len(call.args) // 4
+                out.append([TaskState.RETRY] * (len(call.args) // 4))
+            else:
+                raise AssertionError(f"unexpected call {call.op}")
+        if self.acked + self.failed >= self.total:
+            self.all_settled.set()
+        return out
+
+
+def _processor(queue: FakeQueue, mux: Mux, **options: Any) -> Processor:
+    config = ServerConfig(**options)
+    holder: list[Processor] = []
+    committer = Committer(queue, lambda job, ok: holder[0].settle(job, ok))  # type: ignore[arg-type]
+
+    async def idle(timeout: float) -> None:
+        try:
+            await asyncio.wait_for(queue.stopped.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    processor = Processor(queue, mux, config, committer.submit, idle)  # type: ignore[arg-type]
+    holder.append(processor)
+    return processor
+
+
+def _noop_mux() -> Mux:
+    mux = Mux()
+
+    @mux.handle("t")
+    async def noop(ctx: Context, task: LeasedTask) -> None:
+        return None
+
+    return mux
+
+
+async def _drain(queue: FakeQueue, processor: Processor) -> None:
+    runner = asyncio.get_running_loop().create_task(processor.run())
+    try:
+        await asyncio.wait_for(queue.all_settled.wait(), 30)
+    finally:
+        processor.stop_leasing()
+        queue.stopped.set()
+        await runner
+
+
+@pytest.mark.parametrize(("concurrency", "largest"), [(500, 167), (9, 3), (1, 1), (4500, 1000)])
+async def test_a_burst_of_free_slots_is_leased_in_staggered_batches(concurrency: int, largest: int) -> None:
+    """Quick tasks free their slots all at once; leasing them back as one batch would leave
+    Redis and the worker waiting on each other in turns. At most a third of the concurrency is
+    asked for per call (and never more than lease.lua takes, 1,000: a larger concurrency used
+    to fail every lease round)."""
+    queue = FakeQueue(waiting=3 * concurrency + 7)
+    processor = _processor(queue, _noop_mux(), concurrency=concurrency)
+    await _drain(queue, processor)
+    assert queue.acked == queue.total
+    assert max(queue.lease_counts) == largest
+    assert not processor.running
