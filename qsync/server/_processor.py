@@ -178,14 +178,23 @@ class Processor:
         ctx._lease_expiry = lease_expiry
         job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
         self.running[(task.queue, task.id)] = job
-        job.runner = asyncio.get_running_loop().create_task(self._execute(job))
+        loop = asyncio.get_running_loop()
+        # Armed here rather than as the handler starts: the attempts of one lease reply share
+        # a bucket (and its one loop timer) until the last of them ends. Armed as each started,
+        # a quick handler emptied its bucket before the next attempt armed it, so every attempt
+        # made and cancelled a timer of its own.
+        self._arm_timeout(job, loop)
+        job.runner = loop.create_task(self._execute(job))
 
     async def _execute(self, job: Job) -> None:
+        job.started = True
         task, ctx = job.task, job.ctx
         _faults.hit("before_handler")
-        tick = self._arm_timeout(job)
         try:
-            await self._mux.chain(task.type)(ctx, task)
+            # Timed out or abandoned before its first step (its runner was not cancelled then:
+            # a task cancelled before it starts never runs this code, and would never settle).
+            if not (job.timed_out or job.abandoned):
+                await self._mux.chain(task.type)(ctx, task)
         except asyncio.CancelledError as exc:
             if job.abandoned:
                 self.settle(job, False)
@@ -204,29 +213,27 @@ class Processor:
             # A handler that swallowed its timeout's cancellation still ran out of time.
             job.outcome = self._failure(job, TimeoutError(), True) if job.timed_out else Outcome()
         finally:
-            self._disarm_timeout(job, tick)
+            self._disarm_timeout(job)
         if job.abandoned:
             self.settle(job, False)
             return
         _faults.hit("after_handler_before_ack")
         self._submit(job)
 
-    def _arm_timeout(self, job: Job) -> int:
-        loop = asyncio.get_running_loop()
-        tick = math.ceil((loop.time() + job.timeout_s) / TIMEOUT_TICK)
+    def _arm_timeout(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        tick = job.timeout_tick = math.ceil((loop.time() + job.timeout_s) / TIMEOUT_TICK)
         entry = self._timeouts.get(tick)
         if entry is None:
             entry = self._timeouts[tick] = (set(), loop.call_at(tick * TIMEOUT_TICK, self._expire, tick))
         entry[0].add(job)
-        return tick
 
-    def _disarm_timeout(self, job: Job, tick: int) -> None:
-        entry = self._timeouts.get(tick)
+    def _disarm_timeout(self, job: Job) -> None:
+        entry = self._timeouts.get(job.timeout_tick)
         if entry is not None:
             entry[0].discard(job)
             if not entry[0]:  # the last attempt of this bucket finished: drop its timer too
                 entry[1].cancel()
-                del self._timeouts[tick]
+                del self._timeouts[job.timeout_tick]
 
     def _expire(self, tick: int) -> None:
         jobs, _ = self._timeouts.pop(tick, (set(), None))
@@ -269,4 +276,5 @@ def _time_out(job: Job) -> None:
     if job.runner is not None and not job.runner.done() and not job.abandoned:
         job.timed_out = True
         job.ctx._cancel("deadline exceeded" if job.deadline_first else "timeout")
-        job.runner.cancel()
+        if job.started:  # else it sees timed_out as it starts
+            job.runner.cancel()

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from qsync import Context, LeasedTask, Mux
+from qsync import Context, LeasedTask, Mux, TaskState
 from qsync._keys import QueueKeys, keys_for
-from qsync._ops import Call, LeaseBatch, TaskState, lease
+from qsync._ops import Call, LeaseBatch, lease
 from qsync.server._committer import Committer
+from qsync.server._jobs import Job
 from qsync.server._processor import Processor
 from qsync.server.config import ServerConfig
 
@@ -117,3 +118,84 @@ async def test_a_burst_of_free_slots_is_leased_in_staggered_batches(concurrency:
     assert queue.acked == queue.total
     assert max(queue.lease_counts) == largest
     assert not processor.running
+
+
+async def test_the_attempts_of_one_lease_reply_share_their_timeout_timer() -> None:
+    """Quick attempts must not each make and cancel a loop timer: those leased together share
+    a timeout bucket until the last of them ends (a reply's attempts start within a few ms, so
+    a reply spans at most a couple of 5 ms buckets)."""
+    queue = FakeQueue(waiting=3000)
+    processor = _processor(queue, _noop_mux(), concurrency=300)
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        if callback == processor._expire:
+            timers += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting_call_at  # type: ignore[method-assign]
+    try:
+        await _drain(queue, processor)
+    finally:
+        del loop.call_at
+    replies = sum(1 for n in queue.lease_counts if n) - 1  # the last one found nothing
+    assert queue.acked == 3000
+    assert 0 < timers <= 2 * replies, (timers, replies)
+    assert processor._timeouts == {}, "every bucket goes with its last attempt"
+
+
+def _started(processor: Processor, queue: FakeQueue, timeout_ms: int = 0) -> Job:
+    processor._start(queue.task(timeout_ms=timeout_ms), 0, float("inf"))
+    (job,) = processor.running.values()
+    return job
+
+
+async def test_an_attempt_timed_out_before_its_first_step_fails_without_running() -> None:
+    """A timer may fire before a leased attempt's runner took its first step (a timeout or
+    deadline shorter than the loop's turn, or a loop that runs timers first). Cancelling the
+    runner then would skip all of its code, leaving the job unsettled with its lease extended
+    forever; instead the attempt fails as timed out, without calling the handler."""
+    ran: list[str] = []
+    mux = Mux()
+
+    @mux.handle("t")
+    async def handler(ctx: Context, task: LeasedTask) -> None:
+        ran.append(task.id)
+
+    submitted: list[Job] = []
+    queue = FakeQueue(waiting=0)
+    processor = Processor(queue, mux, ServerConfig(), submitted.append, asyncio.sleep)  # type: ignore[arg-type]
+    job = _started(processor, queue, timeout_ms=1)
+    processor._expire(job.timeout_tick)  # before the loop ran the runner's first step
+    assert job.runner is not None
+    await job.runner
+    assert ran == []
+    assert submitted == [job]
+    assert job.outcome is not None and job.outcome.error is not None
+    assert job.outcome.error.startswith("TaskTimeout"), job.outcome
+    assert job.ctx.is_cancelled() and job.ctx.cancel_reason == "timeout"
+    assert processor._timeouts == {}
+
+
+async def test_an_attempt_abandoned_before_its_first_step_is_settled_without_running() -> None:
+    ran: list[str] = []
+    mux = Mux()
+
+    @mux.handle("t")
+    async def handler(ctx: Context, task: LeasedTask) -> None:
+        ran.append(task.id)
+
+    submitted: list[Job] = []
+    queue = FakeQueue(waiting=0)
+    processor = Processor(queue, mux, ServerConfig(), submitted.append, asyncio.sleep)  # type: ignore[arg-type]
+    job = _started(processor, queue)
+    job.abandon("lease lost")
+    assert job.runner is not None
+    await job.runner
+    assert ran == [] and submitted == []
+    assert not processor.running, "the abandoned job gave its slot back"
+    assert processor.stats["lost"] == 1
+    assert processor._timeouts == {}
