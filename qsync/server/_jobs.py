@@ -8,15 +8,19 @@ from dataclasses import dataclass, field
 from .._ops import LeasedTask
 from ..context import Context
 
-__all__ = ["Job", "Outcome"]
+__all__ = ["SUCCEEDED", "Job", "Outcome"]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What to commit: ack (``error is None``) or fail with a delay (None: archive now)."""
 
     error: str | None = None
     retry_delay_ms: int | None = None
+
+
+SUCCEEDED = Outcome()
+"""The outcome of every attempt that succeeded (one shared, immutable instance)."""
 
 
 @dataclass(slots=True, eq=False)

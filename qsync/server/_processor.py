@@ -24,7 +24,7 @@ from ..context import Context
 from ..control import RetryAt, RetryIn, SkipRetry
 from ..errors import DeadlineExceeded, QsyncError, TaskTimeout
 from ..mux import Mux
-from ._jobs import Job, Outcome
+from ._jobs import SUCCEEDED, Job, Outcome
 from .config import ServerConfig
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class Processor:
 
     def settle(self, job: Job, committed: bool) -> None:
         """A job's outcome was committed (or cannot be): free its slot."""
-        if self.running.pop((job.task.queue, job.id), None) is None:
+        if self.running.pop((job.task.queue, job.task.id), None) is None:
             return
         if job.outcome is None or not committed:
             self.stats["lost"] += 1
@@ -159,32 +159,43 @@ class Processor:
                     "queue %s: archived %d corrupt and %d past-deadline tasks, dropped %d orphan ids",
                     name, result.corrupt_archived, result.deadline_archived, result.orphans,
                 )  # fmt: skip
-            for task in result.tasks:
-                self._start(task, result.now_ms, sent_at + duration)
+            self._start(result.tasks, result.now_ms, sent_at + duration)
             leased += len(result.tasks)
         self.stats["leased"] += leased
         if leased:
             _faults.hit("after_lease")
         return leased
 
-    def _start(self, task: LeasedTask, server_now_ms: int, lease_expiry: float) -> None:
-        timeout_s = task.timeout_ms / 1000 if task.timeout_ms else self._config.default_timeout
-        deadline_first = False
-        if task.deadline_ms:
-            to_deadline = max(0.0, (task.deadline_ms - server_now_ms) / 1000)
-            if to_deadline <= timeout_s:
-                timeout_s, deadline_first = to_deadline, True
-        ctx = Context(task.id, task.queue, timeout_s)
-        ctx._lease_expiry = lease_expiry
-        job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
-        self.running[(task.queue, task.id)] = job
+    def _start(self, tasks: list[LeasedTask], server_now_ms: int, lease_expiry: float) -> None:
+        """Start an attempt per task of one lease reply. They all start in this loop step, so
+        the clocks are read once for the reply, and attempts with the same timeout share one
+        timeout bucket (and its one loop timer) until the last of them ends. (Armed as each
+        handler started, a quick one emptied its bucket before the next attempt armed it: a
+        timer made and cancelled per attempt.)"""
         loop = asyncio.get_running_loop()
-        # Armed here rather than as the handler starts: the attempts of one lease reply share
-        # a bucket (and its one loop timer) until the last of them ends. Armed as each started,
-        # a quick handler emptied its bucket before the next attempt armed it, so every attempt
-        # made and cancelled a timer of its own.
-        self._arm_timeout(job, loop)
-        job.runner = loop.create_task(self._execute(job))
+        now, now_wall, loop_now = time.monotonic(), time.time(), loop.time()
+        default_timeout, running, timeouts = self._config.default_timeout, self.running, self._timeouts
+        new_context, create_task, execute = Context._attempt, loop.create_task, self._execute
+        tick, bucket = 0, set[Job]()
+        for task in tasks:
+            timeout_s = task.timeout_ms / 1000 if task.timeout_ms else default_timeout
+            deadline_first = False
+            if task.deadline_ms:
+                to_deadline = max(0.0, (task.deadline_ms - server_now_ms) / 1000)
+                if to_deadline <= timeout_s:
+                    timeout_s, deadline_first = to_deadline, True
+            ctx = new_context(task.id, task.queue, now + timeout_s, now_wall + timeout_s, lease_expiry)
+            job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
+            running[(task.queue, task.id)] = job
+            job_tick = job.timeout_tick = math.ceil((loop_now + timeout_s) / TIMEOUT_TICK)
+            if job_tick != tick:
+                tick = job_tick
+                entry = timeouts.get(tick)
+                if entry is None:
+                    entry = timeouts[tick] = (set(), loop.call_at(tick * TIMEOUT_TICK, self._expire, tick))
+                bucket = entry[0]
+            bucket.add(job)
+            job.runner = create_task(execute(job))
 
     async def _execute(self, job: Job) -> None:
         job.started = True
@@ -211,7 +222,7 @@ class Processor:
             job.outcome = self._failure(job, exc, job.timed_out)
         else:
             # A handler that swallowed its timeout's cancellation still ran out of time.
-            job.outcome = self._failure(job, TimeoutError(), True) if job.timed_out else Outcome()
+            job.outcome = self._failure(job, TimeoutError(), True) if job.timed_out else SUCCEEDED
         finally:
             self._disarm_timeout(job)
         if job.abandoned:
@@ -219,13 +230,6 @@ class Processor:
             return
         _faults.hit("after_handler_before_ack")
         self._submit(job)
-
-    def _arm_timeout(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
-        tick = job.timeout_tick = math.ceil((loop.time() + job.timeout_s) / TIMEOUT_TICK)
-        entry = self._timeouts.get(tick)
-        if entry is None:
-            entry = self._timeouts[tick] = (set(), loop.call_at(tick * TIMEOUT_TICK, self._expire, tick))
-        entry[0].add(job)
 
     def _disarm_timeout(self, job: Job) -> None:
         entry = self._timeouts.get(job.timeout_tick)

@@ -148,7 +148,7 @@ async def test_the_attempts_of_one_lease_reply_share_their_timeout_timer() -> No
 
 
 def _started(processor: Processor, queue: FakeQueue, timeout_ms: int = 0) -> Job:
-    processor._start(queue.task(timeout_ms=timeout_ms), 0, float("inf"))
+    processor._start([queue.task(timeout_ms=timeout_ms)], 0, float("inf"))
     (job,) = processor.running.values()
     return job
 
