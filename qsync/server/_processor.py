@@ -65,7 +65,9 @@ class Processor:
         self._config = config
         self._submit = submit
         self._wait_for_work = wait_for_work
-        self.running: dict[tuple[str, str], Job] = {}
+        # Keyed by the job itself, not by task id: a task recovered and leased here again while
+        # its abandoned attempt still winds down is two jobs, each settling only its own entry.
+        self.running: dict[Job, Job] = {}
         # Attempt timeouts, bucketed by TIMEOUT_TICK of loop time: one timer per bucket, not
         # per attempt (a batch leased together shares one), and O(1) to disarm.
         self._timeouts: dict[int, tuple[set[Job], asyncio.TimerHandle]] = {}
@@ -83,7 +85,7 @@ class Processor:
 
     def settle(self, job: Job, committed: bool) -> None:
         """A job's outcome was committed (or cannot be): free its slot."""
-        if self.running.pop((job.task.queue, job.task.id), None) is None:
+        if self.running.pop(job, None) is None:
             return
         if job.outcome is None or not committed:
             self.stats["lost"] += 1
@@ -186,7 +188,7 @@ class Processor:
                     timeout_s, deadline_first = to_deadline, True
             ctx = new_context(task.id, task.queue, now + timeout_s, now_wall + timeout_s, lease_expiry)
             job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
-            running[(task.queue, task.id)] = job
+            running[job] = job
             job_tick = job.timeout_tick = math.ceil((loop_now + timeout_s) / TIMEOUT_TICK)
             if job_tick != tick:
                 tick = job_tick

@@ -199,3 +199,31 @@ async def test_an_attempt_abandoned_before_its_first_step_is_settled_without_run
     assert not processor.running, "the abandoned job gave its slot back"
     assert processor.stats["lost"] == 1
     assert processor._timeouts == {}
+
+
+async def test_a_task_leased_again_while_its_old_attempt_winds_down_keeps_both_slots() -> None:
+    """The same task id can be held twice for a moment: its lease was recovered and the task
+    leased here again while the abandoned attempt still runs. Settling the old attempt must
+    not free the new one's slot (nor stop its heartbeats)."""
+    release = asyncio.Event()
+    mux = Mux()
+
+    @mux.handle("t")
+    async def handler(ctx: Context, task: LeasedTask) -> None:
+        await release.wait()
+
+    queue = FakeQueue(waiting=0)
+    processor = Processor(queue, mux, ServerConfig(), lambda job: None, asyncio.sleep)  # type: ignore[arg-type]
+    old = LeasedTask("same", "token-1", "default", "t", b"", 0, 3, 0, 0, -1)
+    new = LeasedTask("same", "token-2", "default", "t", b"", 1, 3, 0, 0, -1)
+    processor._start([old], 0, float("inf"))
+    await asyncio.sleep(0)  # the old attempt is running
+    processor._start([new], 0, float("inf"))
+    old_job, new_job = processor.running.values()
+    old_job.abandon("lease lost")
+    assert old_job.runner is not None
+    await old_job.runner
+    assert list(processor.running.values()) == [new_job]
+    release.set()
+    assert new_job.runner is not None
+    await new_job.runner
