@@ -31,27 +31,56 @@ if wrong then
 end
 
 local now = now_ms()
-local reply = {}
+local ids = {}
 for i = 1, #ARGV, 2 do
-  local id, token = ARGV[i], ARGV[i + 1]
+  ids[#ids + 1] = ARGV[i]
+end
+
+-- Read first: which leases are held (holds_lease, batched: one read of each hash gives its token
+-- and what finishing needs; active is checked for the whole batch at once).
+local scores = active_scores(active_key, ids)
+local reply, held, task_keys, retentions, locks = {}, {}, {}, {}, {}
+for i = 1, #ids do
+  local id = ids[i]
   local task_key = task_prefix .. id
-  if holds_lease(active_key, task_key, id, token) then
-    local f = rcall("HMGET", task_key, "retention", "unique")
-    local retention = tonumber(f[1] or "0") or 0
-    rcall("ZREM", active_key, id)
-    release_unique(f[2], id)
+  -- pcall: a task key of another type reads as an error table: not held.
+  local f = scores[i] and not held[id] and redis.pcall("HMGET", task_key, "token", "retention", "unique")
+  if f and not f.err and f[1] == ARGV[2 * i] then
+    held[id] = true  -- the same lease twice in one batch finishes once; the second is lost
+    task_keys[#task_keys + 1], locks[#locks + 1] = task_key, f[3]
+    retentions[#retentions + 1] = f[2] and tonumber(f[2]) or 0
+    reply[i] = 0  -- filled in below
+  else
+    reply[i] = -3
+  end
+end
+
+-- Then write: one ZREM for the batch's held ids and one DEL for the hashes not kept (per 1,000).
+local done, deleted, k = {}, {}, 0
+for i = 1, #ids do
+  if reply[i] == 0 then
+    k = k + 1
+    local id, task_key, retention = ids[i], task_keys[k], retentions[k]
+    done[#done + 1] = id
+    if locks[k] then
+      release_unique(locks[k], id)
+    end
     if retention > 0 then
       rcall("HSET", task_key, "s", "completed", "done_at", now)
       rcall("HDEL", task_key, "token")
       rcall("PEXPIRE", task_key, retention)
       rcall("ZADD", completed_key, now + retention, id)
-      reply[#reply + 1] = 2
+      reply[i] = 2
     else
-      rcall("DEL", task_key)
-      reply[#reply + 1] = 1
+      deleted[#deleted + 1] = task_key
+      reply[i] = 1
     end
-  else
-    reply[#reply + 1] = -3
   end
+end
+for first = 1, #done, 1000 do
+  rcall("ZREM", active_key, unpack(done, first, math.min(first + 999, #done)))
+end
+for first = 1, #deleted, 1000 do
+  rcall("DEL", unpack(deleted, first, math.min(first + 999, #deleted)))
 end
 return reply

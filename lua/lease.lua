@@ -53,27 +53,24 @@ if rcall("EXISTS", paused_key) == 1 then
   return reply
 end
 
-local first_skipped = nil
-for i = 1, n do
-  local id = rcall("RPOP", pending_key)
-  if not id then
-    break
-  end
-  if id == first_skipped then
-    -- Every task left is one this worker cannot read: put it back and stop.
-    rcall("LPUSH", pending_key, id)
-    break
-  end
+-- One RPOP for the batch (oldest first) and one ZADD for the ids leased, rather than one of each
+-- per task: this loop is every task's hot path, and a call from Lua costs more than its command.
+local ids = rcall("RPOP", pending_key, n) or {}
+local leased = {}
+for i = 1, #ids do
+  local id = ids[i]
   local task_key = task_prefix .. id
   -- pcall: a task key of another type reads as an error table, which counts as an orphan.
-  -- (One HMGET instead of TYPE + HMGET: this loop is every task's hot path.)
-  local f = redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m",
-                        "timeout", "deadline", "retry_delay", "unique")
+  -- (One HMGET instead of TYPE + HMGET; each field named costs, so "unique" is read only to archive.)
+  local f = redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m", "timeout", "deadline", "retry_delay")
   if f.err or (not f[1] and not f[2] and not f[3] and rcall("EXISTS", task_key) == 0) then
     reply[5] = reply[5] + 1
   else
     local version, retried, max_retry = tonumber(f[1]), tonumber(f[4]), tonumber(f[5])
-    local deadline = tonumber(f[7] or "0")
+    local deadline = 0
+    if f[7] then
+      deadline = tonumber(f[7])
+    end
     local missing = nil
     if not version then missing = "v (format version)"
     elseif not f[2] then missing = "t (type)"
@@ -83,18 +80,19 @@ for i = 1, n do
     elseif not deadline then missing = "deadline"
     end
     if missing then
-      archive_task(task_key, id, archived_key, now, "corrupt: field " .. missing .. " missing or malformed", f[9])
+      archive_task(task_key, id, archived_key, now, "corrupt: field " .. missing .. " missing or malformed",
+                   rcall("HGET", task_key, "unique"))
       reply[4] = reply[4] + 1
     elseif version > max_version then
-      first_skipped = first_skipped or id
-      rcall("LPUSH", pending_key, id)
+      rcall("LPUSH", pending_key, id)  -- back at the tail, for a worker that can read it
     elseif deadline > 0 and now >= deadline then
-      archive_task(task_key, id, archived_key, now, "deadline exceeded", f[9])
+      archive_task(task_key, id, archived_key, now, "deadline exceeded", rcall("HGET", task_key, "unique"))
       reply[3] = reply[3] + 1
     else
       local token = nonce .. "-" .. i
       rcall("HSET", task_key, "s", "active", "token", token)
-      rcall("ZADD", active_key, expires, id)
+      leased[#leased + 1] = expires
+      leased[#leased + 1] = id
       local r = #reply
       reply[r + 1] = id
       reply[r + 2] = token
@@ -102,11 +100,14 @@ for i = 1, n do
       reply[r + 4] = f[3]
       reply[r + 5] = retried
       reply[r + 6] = max_retry
-      reply[r + 7] = tonumber(f[6] or "0") or 0
+      reply[r + 7] = f[6] and tonumber(f[6]) or 0
       reply[r + 8] = deadline
-      reply[r + 9] = tonumber(f[8] or "-1") or -1
+      reply[r + 9] = f[8] and tonumber(f[8]) or -1
     end
   end
+end
+for first = 1, #leased, 1000 do
+  rcall("ZADD", active_key, unpack(leased, first, math.min(first + 999, #leased)))
 end
 -- A full batch may have left work behind: pass the wake-up on to the next idle worker.
 if (#reply - 5) / 9 == n and rcall("LLEN", pending_key) > 0 then

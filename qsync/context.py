@@ -41,6 +41,22 @@ class Context:
         self._event: threading.Event | None = None
         self._reason = ""
 
+    @classmethod
+    def _attempt(
+        cls, task_id: str, queue: str, deadline_monotonic: float, deadline_wall: float, lease_expiry: float
+    ) -> Context:
+        """The worker's constructor: the clocks are read once per lease reply, not per task."""
+        self = object.__new__(cls)
+        self.task_id = task_id
+        self.queue = queue
+        self._deadline_monotonic = deadline_monotonic
+        self._deadline_wall = deadline_wall
+        self._lease_expiry = lease_expiry
+        self._cancelled = False
+        self._event = None
+        self._reason = ""
+        return self
+
     @property
     def deadline(self) -> datetime:
         """When this attempt will be cancelled, as a timezone-aware UTC datetime."""

@@ -114,7 +114,7 @@ def _plan(queue: AsyncQueue, jobs: list[Job]) -> list[tuple[Call[Any], list[Job]
         (acks if outcome.error is None else fails).setdefault(job.task.queue, []).append(job)
     plan: list[tuple[Call[Any], list[Job]]] = []
     for name, group in acks.items():
-        plan.append((_ops.ack(queue.keys(name), group), group))
+        plan.append((_ops.ack(queue.keys(name), [j.task for j in group]), group))
     for name, group in fails.items():
         failures = [
             Failure(j.id, j.token, j.outcome.error or "", j.outcome.retry_delay_ms)  # type: ignore[union-attr]

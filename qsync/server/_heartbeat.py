@@ -32,7 +32,7 @@ log = logging.getLogger("qsync.server")
 class Heartbeat:
     """Extends the leases of the jobs in ``running``."""
 
-    def __init__(self, queue: AsyncQueue, config: ServerConfig, running: dict[tuple[str, str], Job]) -> None:
+    def __init__(self, queue: AsyncQueue, config: ServerConfig, running: dict[Job, Job]) -> None:
         self._queue = queue
         self._config = config
         self._running = running

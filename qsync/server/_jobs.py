@@ -8,15 +8,19 @@ from dataclasses import dataclass, field
 from .._ops import LeasedTask
 from ..context import Context
 
-__all__ = ["Job", "Outcome"]
+__all__ = ["SUCCEEDED", "Job", "Outcome"]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What to commit: ack (``error is None``) or fail with a delay (None: archive now)."""
 
     error: str | None = None
     retry_delay_ms: int | None = None
+
+
+SUCCEEDED = Outcome()
+"""The outcome of every attempt that succeeded (one shared, immutable instance)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -34,6 +38,8 @@ class Job:
     abandoned: str = ""  # why the result is no longer ours to commit (lost lease, shutdown)
     timed_out: bool = False  # the attempt's timeout (or the task's deadline) cancelled it
     commit_attempts: int = field(default=0)
+    started: bool = False  # the runner has taken its first step (only then may it be cancelled)
+    timeout_tick: int = 0  # the processor's timeout bucket holding this job
 
     @property
     def id(self) -> str:
@@ -51,5 +57,5 @@ class Job:
             return
         self.abandoned = reason
         self.ctx._cancel(reason)
-        if self.runner is not None and not self.runner.done():
-            self.runner.cancel()
+        if self.started and self.runner is not None and not self.runner.done():
+            self.runner.cancel()  # (a runner not yet started sees ``abandoned`` as it starts)

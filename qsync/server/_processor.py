@@ -26,7 +26,7 @@ from ..context import Context
 from ..control import RetryAt, RetryIn, SkipRetry
 from ..errors import DeadlineExceeded, OutcomeUnknown, QsyncError, TaskTimeout
 from ..mux import Mux
-from ._jobs import Job, Outcome
+from ._jobs import SUCCEEDED, Job, Outcome
 from ._waker import Waker
 from .config import ServerConfig
 
@@ -43,6 +43,13 @@ EMPTY_SKIP_S = 0.05
 
 # Attempts time out at most this late (seconds): the granularity of the timeout buckets.
 TIMEOUT_TICK = 0.005
+
+# A lease round asks for at most this share of the concurrency. Quick tasks leased together
+# finish and are acked together, so their slots come free at once; leased again as one batch
+# they would keep Redis and this process waiting on each other in turns (lease, run, ack, lease).
+# In three staggered batches Redis runs one batch's lease or ack while this process runs
+# another's handlers. (One call also takes at most MAX_LEASE_BATCH, lease.lua's limit.)
+LEASE_SPLIT = 3
 
 
 class Processor:
@@ -61,7 +68,9 @@ class Processor:
         self._config = config
         self._submit = submit
         self._waker = waker
-        self.running: dict[tuple[str, str], Job] = {}
+        # Keyed by the job itself, not by task id: a task recovered and leased here again while
+        # its abandoned attempt still winds down is two jobs, each settling only its own entry.
+        self.running: dict[Job, Job] = {}
         # Slots held for the leases that idle wake-up listeners carry, per queue, and each
         # queue's share of the free slots when the processor last went idle.
         self._reserved: dict[str, int] = {}
@@ -75,6 +84,7 @@ class Processor:
         self._stopping = asyncio.Event()
         self._empty_since: dict[str, float] = {}
         self._rng = random.Random()
+        self._lease_batch = min(MAX_LEASE_BATCH, -(-config.concurrency // LEASE_SPLIT))
         self.stats = {"leased": 0, "succeeded": 0, "failed": 0, "lost": 0}
 
     def stop_leasing(self) -> None:
@@ -84,7 +94,7 @@ class Processor:
 
     def settle(self, job: Job, committed: bool) -> None:
         """A job's outcome was committed (or cannot be): free its slot."""
-        if self.running.pop((job.task.queue, job.id), None) is None:
+        if self.running.pop(job, None) is None:
             return
         if job.outcome is None or not committed:
             self.stats["lost"] += 1
@@ -178,6 +188,7 @@ class Processor:
             pass
 
     async def _lease_round(self, free: int) -> int:
+        free = min(free, self._lease_batch)
         weights = self._config.queues
         if self._config.strict:
             leased = 0
@@ -216,32 +227,52 @@ class Processor:
             )  # fmt: skip
         # The lease ran after it was sent: an expiry counted from the send is never late.
         lease_expiry = sent_at + self._config.lease_duration
-        for task in result.tasks:
-            self._start(task, result.now_ms, lease_expiry)
+        self._start(result.tasks, result.now_ms, lease_expiry)
         self.stats["leased"] += len(result.tasks)
         if result.tasks:
             _faults.hit("after_lease")
         return len(result.tasks)
 
-    def _start(self, task: LeasedTask, server_now_ms: int, lease_expiry: float) -> None:
-        timeout_s = task.timeout_ms / 1000 if task.timeout_ms else self._config.default_timeout
-        deadline_first = False
-        if task.deadline_ms:
-            to_deadline = max(0.0, (task.deadline_ms - server_now_ms) / 1000)
-            if to_deadline <= timeout_s:
-                timeout_s, deadline_first = to_deadline, True
-        ctx = Context(task.id, task.queue, timeout_s)
-        ctx._lease_expiry = lease_expiry
-        job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
-        self.running[(task.queue, task.id)] = job
-        job.runner = asyncio.get_running_loop().create_task(self._execute(job))
+    def _start(self, tasks: list[LeasedTask], server_now_ms: int, lease_expiry: float) -> None:
+        """Start an attempt per task of one lease reply. They all start in this loop step, so
+        the clocks are read once for the reply, and attempts with the same timeout share one
+        timeout bucket (and its one loop timer) until the last of them ends. (Armed as each
+        handler started, a quick one emptied its bucket before the next attempt armed it: a
+        timer made and cancelled per attempt.)"""
+        loop = asyncio.get_running_loop()
+        now, now_wall, loop_now = time.monotonic(), time.time(), loop.time()
+        default_timeout, running, timeouts = self._config.default_timeout, self.running, self._timeouts
+        new_context, create_task, execute = Context._attempt, loop.create_task, self._execute
+        tick, bucket = 0, set[Job]()
+        for task in tasks:
+            timeout_s = task.timeout_ms / 1000 if task.timeout_ms else default_timeout
+            deadline_first = False
+            if task.deadline_ms:
+                to_deadline = max(0.0, (task.deadline_ms - server_now_ms) / 1000)
+                if to_deadline <= timeout_s:
+                    timeout_s, deadline_first = to_deadline, True
+            ctx = new_context(task.id, task.queue, now + timeout_s, now_wall + timeout_s, lease_expiry)
+            job = Job(task, ctx, timeout_s, deadline_first, lease_expiry)
+            running[job] = job
+            job_tick = job.timeout_tick = math.ceil((loop_now + timeout_s) / TIMEOUT_TICK)
+            if job_tick != tick:
+                tick = job_tick
+                entry = timeouts.get(tick)
+                if entry is None:
+                    entry = timeouts[tick] = (set(), loop.call_at(tick * TIMEOUT_TICK, self._expire, tick))
+                bucket = entry[0]
+            bucket.add(job)
+            job.runner = create_task(execute(job))
 
     async def _execute(self, job: Job) -> None:
+        job.started = True
         task, ctx = job.task, job.ctx
         _faults.hit("before_handler")
-        tick = self._arm_timeout(job)
         try:
-            await self._mux.chain(task.type)(ctx, task)
+            # Timed out or abandoned before its first step (its runner was not cancelled then:
+            # a task cancelled before it starts never runs this code, and would never settle).
+            if not (job.timed_out or job.abandoned):
+                await self._mux.chain(task.type)(ctx, task)
         except asyncio.CancelledError as exc:
             if job.abandoned:
                 self.settle(job, False)
@@ -258,31 +289,22 @@ class Processor:
             job.outcome = self._failure(job, exc, job.timed_out)
         else:
             # A handler that swallowed its timeout's cancellation still ran out of time.
-            job.outcome = self._failure(job, TimeoutError(), True) if job.timed_out else Outcome()
+            job.outcome = self._failure(job, TimeoutError(), True) if job.timed_out else SUCCEEDED
         finally:
-            self._disarm_timeout(job, tick)
+            self._disarm_timeout(job)
         if job.abandoned:
             self.settle(job, False)
             return
         _faults.hit("after_handler_before_ack")
         self._submit(job)
 
-    def _arm_timeout(self, job: Job) -> int:
-        loop = asyncio.get_running_loop()
-        tick = math.ceil((loop.time() + job.timeout_s) / TIMEOUT_TICK)
-        entry = self._timeouts.get(tick)
-        if entry is None:
-            entry = self._timeouts[tick] = (set(), loop.call_at(tick * TIMEOUT_TICK, self._expire, tick))
-        entry[0].add(job)
-        return tick
-
-    def _disarm_timeout(self, job: Job, tick: int) -> None:
-        entry = self._timeouts.get(tick)
+    def _disarm_timeout(self, job: Job) -> None:
+        entry = self._timeouts.get(job.timeout_tick)
         if entry is not None:
             entry[0].discard(job)
             if not entry[0]:  # the last attempt of this bucket finished: drop its timer too
                 entry[1].cancel()
-                del self._timeouts[tick]
+                del self._timeouts[job.timeout_tick]
 
     def _expire(self, tick: int) -> None:
         jobs, _ = self._timeouts.pop(tick, (set(), None))
@@ -325,4 +347,5 @@ def _time_out(job: Job) -> None:
     if job.runner is not None and not job.runner.done() and not job.abandoned:
         job.timed_out = True
         job.ctx._cancel("deadline exceeded" if job.deadline_first else "timeout")
-        job.runner.cancel()
+        if job.started:  # else it sees timed_out as it starts
+            job.runner.cancel()

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
+import redis.retry
 from redis import connection as sync_conn
 from redis.asyncio import connection as async_conn
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.retry import Retry as SyncRetry
 
 from ..errors import InvalidArgument, InvalidArgumentType, QsyncError
 from ..mux import Handler, Mux
@@ -209,10 +209,14 @@ def _async_twin(client: Any) -> aioredis.Redis | aioredis.RedisCluster:
             "use qsync.new(redis.asyncio.Redis(...)) and await queue.run(...) instead"
         )
     kwargs = _accepted(cls, dict(pool.connection_kwargs))
-    retry = kwargs.get("retry")
-    if isinstance(retry, SyncRetry):
-        # The same policy for the asyncio connections (redis-py >= 8.2 warns when it has to
-        # convert a sync Retry itself).
-        kwargs["retry"] = AsyncRetry(retry._backoff, retry.get_retries(), retry._supported_errors)
+    if isinstance(kwargs.get("retry"), redis.retry.Retry):
+        # The same policy in its asyncio form (redis-py >= 8.2 converts a sync one itself, with
+        # a UserWarning at every server start).
+        sync_retry = kwargs["retry"]
+        predicate = getattr(sync_retry, "_is_retryable", None)  # newer redis-py only
+        kwargs["retry"] = aioredis.retry.Retry(
+            sync_retry._backoff, sync_retry._retries, sync_retry._supported_errors,
+            **({"is_retryable": predicate} if predicate is not None else {}),
+        )  # fmt: skip
     # from_pool: the twin owns its pool, so closing the twin closes its connections.
     return aioredis.Redis.from_pool(aioredis.ConnectionPool(connection_class=cls, **kwargs))

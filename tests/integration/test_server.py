@@ -304,6 +304,20 @@ def test_one_callable_handles_every_type(worker: Worker) -> None:
     assert sorted(calls.items) == ["a", "anything", "b:c"]
 
 
+def test_a_concurrency_above_one_lease_call_still_leases(sync_worker: Worker) -> None:
+    """lease.lua takes at most 1,000 tasks per call; a server may run more at once (every
+    lease round of a 1,500-slot server used to be refused, so it ran nothing)."""
+    calls = Calls()
+
+    async def handler(ctx: Context, task: LeasedTask) -> None:
+        calls.add(task.id)
+
+    sync_worker.queue.enqueue_many([Task("t") for _ in range(50)])
+    sync_worker.start(handler, concurrency=1500)
+    calls.wait(lambda items: len(items) == 50, "every task to run")
+    wait_until(lambda: sync_worker.active_count() == 0, "every task to be acked")
+
+
 # --- failures -------------------------------------------------------------------------------------
 
 

@@ -473,6 +473,19 @@ def test_lease_leaves_a_task_of_a_newer_format_alone(benv: Env) -> None:
     assert benv.h("new")["r"] == b"0"
 
 
+def test_lease_puts_back_newer_tasks_in_a_batch_and_leases_the_rest(benv: Env) -> None:
+    benv.enqueue(*(task(f"t{i}") for i in range(5)))
+    for newer in ("t1", "t3"):
+        benv.r.hset(benv.k.task(newer), "v", 999)
+    batch = benv.q.lease(Q, count=5)
+    assert [t.id for t in batch.tasks] == ["t0", "t2", "t4"]
+    assert benv.pending() == ["t3", "t1"], "put back at the tail, oldest nearest the head as before"
+    for leased in batch.tasks:
+        benv.assert_in(leased.id, "active")
+        assert benv.score("active", leased.id) == batch.expires_ms
+    assert len({t.token for t in batch.tasks}) == 3
+
+
 # --- pause, resume ---------------------------------------------------------------------------
 
 
@@ -584,6 +597,30 @@ def test_ack_with_retention_keeps_the_task_completed(benv: Env) -> None:
     info = benv.q.info("a", queue=Q)
     assert info.state is TaskState.COMPLETED
     assert info.finished_at == at(done)
+
+
+def test_ack_of_the_same_lease_twice_in_one_batch_finishes_it_once(benv: Env) -> None:
+    benv.enqueue(task("a", retention=60), task("b"))
+    a, b = benv.lease(count=2)
+    assert benv.raw(_ops.ack(benv.k, [a, b, a, b])) == [
+        Code.EXISTS,
+        Code.OK,
+        Code.LEASE_LOST,
+        Code.LEASE_LOST,
+    ]
+    benv.assert_in("a", "completed")
+    assert benv.where("b") == [] and not benv.r.exists(benv.k.task("b"))
+
+
+def test_ack_of_more_leases_than_one_batched_command_takes(benv: Env) -> None:
+    """ack checks active and deletes in commands of at most 1,000 ids (Lua's unpack is bounded);
+    a larger batch is split, with each lease's own result."""
+    benv.enqueue(*(task(f"t{i}") for i in range(1300)))
+    leased = benv.lease(count=1000) + benv.lease(count=300)
+    stale = qsync.Lease("t5", "stale-token")
+    assert benv.q.ack(Q, [*leased[:1200], stale, *leased[1200:]]) == [True] * 1200 + [False] + [True] * 100
+    assert benv.r.zcard(benv.k.active) == 0
+    assert not any(benv.r.exists(benv.k.task(t.id)) for t in leased[::97])
 
 
 # --- fail ------------------------------------------------------------------------------------
