@@ -70,18 +70,29 @@ class FakeQueue:
         return out
 
 
+class _IdleWaker:
+    """The Waker's side the processor uses, without Redis: waits until ``stopped`` or the
+    timeout, and carries no lease behind its waits (nothing to disarm)."""
+
+    def __init__(self, stopped: asyncio.Event | None = None) -> None:
+        self._stopped = stopped or asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def disarm(self, *, everyone: bool = False) -> None:
+        return None
+
+
 def _processor(queue: FakeQueue, mux: Mux, **options: Any) -> Processor:
     config = ServerConfig(**options)
     holder: list[Processor] = []
     committer = Committer(queue, lambda job, ok: holder[0].settle(job, ok))  # type: ignore[arg-type]
 
-    async def idle(timeout: float) -> None:
-        try:
-            await asyncio.wait_for(queue.stopped.wait(), timeout)
-        except TimeoutError:
-            pass
-
-    processor = Processor(queue, mux, config, committer.submit, idle)  # type: ignore[arg-type]
+    processor = Processor(queue, mux, config, committer.submit, _IdleWaker(queue.stopped))  # type: ignore[arg-type]
     holder.append(processor)
     return processor
 
@@ -167,7 +178,7 @@ async def test_an_attempt_timed_out_before_its_first_step_fails_without_running(
 
     submitted: list[Job] = []
     queue = FakeQueue(waiting=0)
-    processor = Processor(queue, mux, ServerConfig(), submitted.append, asyncio.sleep)  # type: ignore[arg-type]
+    processor = Processor(queue, mux, ServerConfig(), submitted.append, _IdleWaker())  # type: ignore[arg-type]
     job = _started(processor, queue, timeout_ms=1)
     processor._expire(job.timeout_tick)  # before the loop ran the runner's first step
     assert job.runner is not None
@@ -190,7 +201,7 @@ async def test_an_attempt_abandoned_before_its_first_step_is_settled_without_run
 
     submitted: list[Job] = []
     queue = FakeQueue(waiting=0)
-    processor = Processor(queue, mux, ServerConfig(), submitted.append, asyncio.sleep)  # type: ignore[arg-type]
+    processor = Processor(queue, mux, ServerConfig(), submitted.append, _IdleWaker())  # type: ignore[arg-type]
     job = _started(processor, queue)
     job.abandon("lease lost")
     assert job.runner is not None
@@ -213,7 +224,7 @@ async def test_a_task_leased_again_while_its_old_attempt_winds_down_keeps_both_s
         await release.wait()
 
     queue = FakeQueue(waiting=0)
-    processor = Processor(queue, mux, ServerConfig(), lambda job: None, asyncio.sleep)  # type: ignore[arg-type]
+    processor = Processor(queue, mux, ServerConfig(), lambda job: None, _IdleWaker())  # type: ignore[arg-type]
     old = LeasedTask("same", "token-1", "default", "t", b"", 0, 3, 0, 0, -1)
     new = LeasedTask("same", "token-2", "default", "t", b"", 1, 3, 0, 0, -1)
     processor._start([old], 0, float("inf"))
