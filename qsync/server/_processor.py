@@ -1,11 +1,13 @@
 """Processor: leases tasks into free concurrency slots and runs their handlers.
 
 Free slots are offered to the queues by weight (or strictly by priority) and leased in batches,
-one pipelined round trip for all queues. No task is held without a lease: the processor only
-asks for as many tasks as it has free slots. When nothing is ready it waits for a wake-up
-signal (or ``poll_interval``) instead of polling Redis; meanwhile each queue's wake-up listener
-may carry a lease of its own (:meth:`Processor.arm`), for which the processor keeps slots
-reserved until its reply comes back (:meth:`Processor.deliver`).
+one pipelined round trip for all queues, at most a third of the concurrency per round (so quick
+tasks circulate as staggered batches: Redis leases or acks one while the worker runs another).
+No task is held without a lease: the processor only asks for as many tasks as it has free slots.
+When nothing is ready it waits for a wake-up signal (or ``poll_interval``) instead of polling
+Redis; meanwhile each queue's wake-up listener may carry a lease of its own
+(:meth:`Processor.arm`), for which the processor keeps slots reserved until its reply comes back
+(:meth:`Processor.deliver`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The processor and committer on an in-memory stand-in for Redis: how a burst of free slots is
-leased, and what each attempt costs the event loop. (The same code on a real Redis is tested in
-tests/integration; here the calls are only counted, so no Redis server is needed.)"""
+leased, how many loop timers attempts cost, attempts that time out or are abandoned before they
+start, and the same task held twice. (The same code on a real Redis is tested in
+tests/integration; here the calls are only answered and counted, so no Redis server is needed.)"""
 
 from __future__ import annotations
 
