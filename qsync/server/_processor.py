@@ -154,7 +154,7 @@ class Processor:
         the slots it may fill reserved until :meth:`deliver`; None: the listener only listens."""
         if self._stopping.is_set():
             return None
-        count = min(self._idle_shares.get(name, 0), self._free(), MAX_LEASE_BATCH)
+        count = min(self._idle_shares.get(name, 0), self._free(), self._lease_batch)
         if count <= 0:
             return None
         call = self._queue._lease_call(name, count, self._config.lease_duration)
