@@ -127,7 +127,7 @@ class SyncTransport:
             if conn is None:
                 conn = pool.get_connection()
             else:
-                _check_spare(pool, conn)
+                _check_spare(conn)
         except BaseException as exc:
             if conn is not None:
                 pool.release(conn)
@@ -167,17 +167,19 @@ class SyncTransport:
             pool.release(conn)
 
 
-def _check_spare(pool: Any, conn: Any) -> None:
+def _check_spare(conn: Any) -> None:
     """Make an idle spare ready to send as the pool does for a connection it hands out: a
     socket the server closed, or one holding data nobody read, is noticed before anything is
-    sent and reconnected (by the pool's own ensure_connection). The open, quiet socket of the
-    common case skips that method's connect() retry wrapper."""
+    sent and reconnected. (Written with connect/can_read/disconnect only: older redis-py sync
+    pools have no ensure_connection.)"""
     try:
-        if conn.is_connected and not conn.can_read():
+        conn.connect()  # a no-op while connected
+        if not conn.can_read():
             return
     except redis.ConnectionError:
         pass
-    pool.ensure_connection(conn)
+    conn.disconnect()
+    conn.connect()
 
 
 def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
