@@ -208,16 +208,6 @@ def _contain_leaked_connections() -> Iterator[None]:
     collect_quietly()
 
 
-@pytest.fixture(params=["sync", "async"])
-def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker(request.param, redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 @pytest.fixture
 def sync_worker(redis_server: RedisServer) -> Iterator[Worker]:
     redis_server.client().flushall()

@@ -9,7 +9,6 @@ longer) show that a wait was ended, not that it was fast."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,21 +17,10 @@ import redis
 from qsync import Context, LeasedTask, Task, TaskState
 from tests.integration.test_server import Worker, wait_event
 from tests.polling import wait_until
-from tests.redis_procs import RedisServer
 
 # A block time far beyond every wait below: whatever happens in time happened because a wait
 # was ended or woken, never because a listener's BRPOP timed out.
 SLOW = {"poll_interval": 60, "lease_duration": 120}
-
-
-@pytest.fixture(params=["sync", "async"])
-def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker(request.param, redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def _listeners(client: redis.Redis) -> list[dict[str, Any]]:

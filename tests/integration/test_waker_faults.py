@@ -29,16 +29,6 @@ from tests.redis_procs import RedisServer
 BOUND = 5.0
 
 
-@pytest.fixture(params=["sync", "async"])
-def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker(request.param, redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, for faults that would disturb the session's (maxmemory,
