@@ -22,7 +22,7 @@ from ._ops import Call
 from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
 from ._transport import Spares
 
-__all__ = ["AsyncTransport"]
+__all__ = ["AsyncTransport", "roundtrip"]
 
 _CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -138,7 +138,7 @@ class AsyncTransport:
                 raise ConnectFailed(str(exc)) from exc
             raise
         try:
-            replies = await _roundtrip(conn, exchange)
+            replies = await roundtrip(conn, exchange)
         except BaseException:
             await pool.release(conn)
             raise
@@ -161,7 +161,7 @@ class AsyncTransport:
         except (*_CONNECT_ERRORS, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
-            return await _roundtrip(conn, exchange)
+            return await roundtrip(conn, exchange)
         finally:
             node.release(conn)
 
@@ -177,7 +177,10 @@ async def _check_spare(pool: Any, conn: Any) -> None:
     await pool.ensure_connection(conn)
 
 
-async def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
+async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
+    """Send an exchange's commands on ``conn`` and read one reply per command (an error reply
+    as its exception object); any failure, cancellation included, drops the connection, since
+    a reply may be in flight. The server's wake-up listeners use it on their own connections."""
     try:
         for piece in packed_pieces(exchange.commands):
             await conn.send_packed_command(piece, check_health=False)

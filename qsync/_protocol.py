@@ -34,9 +34,11 @@ __all__ = [
     "REPLY_ERRORS",
     "ConnectFailed",
     "Exchange",
+    "absorb_replies",
     "exchange_calls",
     "not_applied",
     "only_result",
+    "outcome_unknown",
     "packed_pieces",
     "raise_first",
 ]
@@ -114,6 +116,11 @@ def _pieces(commands: Sequence[tuple[Any, ...]]) -> Iterator[bytes]:
         yield b"".join(piece)
 
 
+def outcome_unknown(call: Call[Any], reason: str) -> QsyncError:
+    """The error of a call whose reply was lost: it may or may not have happened."""
+    return _failure(call, None, reason)
+
+
 def not_applied(call: Call[Any], reason: str) -> QsyncError:
     """The error of a call that surely did not happen (NotEnqueued for an enqueue)."""
     return _failure(call, False, reason)
@@ -181,7 +188,7 @@ def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Ex
                 continue
             if len(replies) > len(todo):
                 replies = replies[len(replies) - len(todo) :]  # the SCRIPT LOAD replies
-            todo, loads, reroute = _absorb(calls, todo, replies, results)
+            todo, loads, reroute = absorb_replies(calls, todo, replies, results)
         for i in todo:
             results[i] = _failure(calls[i], False, "Redis kept redirecting or reloading; giving up")
     return results
@@ -212,7 +219,7 @@ def _after_broken_connection(
     return again
 
 
-def _absorb(
+def absorb_replies(
     calls: Sequence[Call[Any]], todo: list[int], replies: list[Any], results: list[Any]
 ) -> tuple[list[int], frozenset[str], bool]:
     """Decode replies into results; return the calls to send again (NOSCRIPT: load the script

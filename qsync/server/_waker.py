@@ -33,9 +33,9 @@ import redis
 import redis.asyncio as aioredis
 
 from .. import _ops
-from .._atransport import _roundtrip
+from .._atransport import roundtrip
 from .._ops import Call, LeaseBatch
-from .._protocol import REPLY_ERRORS, Exchange, _absorb, _failure
+from .._protocol import REPLY_ERRORS, Exchange, absorb_replies, outcome_unknown
 from ..errors import QsyncError
 
 if TYPE_CHECKING:
@@ -230,9 +230,9 @@ class Waker:
             self._settle(name, lease, None, sent_at)  # nothing was sent
             raise
         try:
-            replies = await _roundtrip(conn, Exchange(commands, keys.wake))
+            replies = await roundtrip(conn, Exchange(commands, keys.wake))
         except BaseException as exc:
-            lost = None if lease is None else _failure(lease, None, f"connection to Redis lost: {exc}")
+            lost = None if lease is None else outcome_unknown(lease, f"connection to Redis lost: {exc}")
             self._settle(name, lease, lost, sent_at)
             raise
         popped = replies[-2] if lease is not None else replies[-1]
@@ -255,7 +255,7 @@ class Waker:
         """The lease reply as the core decodes it (errors mapped as for any call); None when
         the script was not loaded (it did not run: load it with the next lease)."""
         results: list[Any] = [None]
-        again, loads, _ = _absorb([lease], [0], [reply], results)
+        again, loads, _ = absorb_replies([lease], [0], [reply], results)
         if loads:
             self._reload.add(name)
         elif name in self._reload:
