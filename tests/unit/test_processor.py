@@ -165,11 +165,9 @@ def _started(processor: Processor, queue: FakeQueue, timeout_ms: int = 0) -> Job
     return job
 
 
-async def test_an_attempt_timed_out_before_its_first_step_fails_without_running() -> None:
-    """A timer may fire before a leased attempt's runner took its first step (a timeout or
-    deadline shorter than the loop's turn, or a loop that runs timers first). Cancelling the
-    runner then would skip all of its code, leaving the job unsettled with its lease extended
-    forever; instead the attempt fails as timed out, without calling the handler."""
+def _recording() -> tuple[Processor, FakeQueue, list[str], list[Job]]:
+    """A processor on an empty FakeQueue whose handler for "t" records the ids it runs, with
+    the list of jobs it submits for commit."""
     ran: list[str] = []
     mux = Mux()
 
@@ -180,6 +178,15 @@ async def test_an_attempt_timed_out_before_its_first_step_fails_without_running(
     submitted: list[Job] = []
     queue = FakeQueue(waiting=0)
     processor = Processor(queue, mux, ServerConfig(), submitted.append, _IdleWaker())  # type: ignore[arg-type]
+    return processor, queue, ran, submitted
+
+
+async def test_an_attempt_timed_out_before_its_first_step_fails_without_running() -> None:
+    """A timer may fire before a leased attempt's runner took its first step (a timeout or
+    deadline shorter than the loop's turn, or a loop that runs timers first). Cancelling the
+    runner then would skip all of its code, leaving the job unsettled with its lease extended
+    forever; instead the attempt fails as timed out, without calling the handler."""
+    processor, queue, ran, submitted = _recording()
     job = _started(processor, queue, timeout_ms=1)
     processor._expire(job.timeout_tick)  # before the loop ran the runner's first step
     assert job.runner is not None
@@ -193,16 +200,7 @@ async def test_an_attempt_timed_out_before_its_first_step_fails_without_running(
 
 
 async def test_an_attempt_abandoned_before_its_first_step_is_settled_without_running() -> None:
-    ran: list[str] = []
-    mux = Mux()
-
-    @mux.handle("t")
-    async def handler(ctx: Context, task: LeasedTask) -> None:
-        ran.append(task.id)
-
-    submitted: list[Job] = []
-    queue = FakeQueue(waiting=0)
-    processor = Processor(queue, mux, ServerConfig(), submitted.append, _IdleWaker())  # type: ignore[arg-type]
+    processor, queue, ran, submitted = _recording()
     job = _started(processor, queue)
     job.abandon("lease lost")
     assert job.runner is not None
