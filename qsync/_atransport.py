@@ -130,7 +130,7 @@ class AsyncTransport:
             if conn is None:
                 conn = await _pool_connection(pool)
             else:
-                await _check_spare(pool, conn)
+                await _check_spare(conn)
         except BaseException as exc:
             if conn is not None:
                 await pool.release(conn)
@@ -166,15 +166,17 @@ class AsyncTransport:
             node.release(conn)
 
 
-async def _check_spare(pool: Any, conn: Any) -> None:
-    """The twin of the sync ``_check_spare``: a closed socket or unread data is noticed before
-    sending (by the pool's ensure_connection); an open, quiet one is used as it is."""
+async def _check_spare(conn: Any) -> None:
+    """The twin of the sync ``_check_spare``: a socket the server closed, or one holding data
+    nobody read, is noticed before anything is sent and reconnected."""
     try:
-        if conn.is_connected and not await conn.can_read():
+        await conn.connect()  # a no-op while connected
+        if not await conn.can_read():
             return
     except redis.ConnectionError:
         pass
-    await pool.ensure_connection(conn)
+    await conn.disconnect()
+    await conn.connect()
 
 
 async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:

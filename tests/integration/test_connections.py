@@ -206,3 +206,23 @@ async def test_a_live_async_queue_holds_at_most_one_connection_and_close_gives_i
         await every_connection_is_free_async(client.connection_pool)
     finally:
         await client.aclose()
+
+
+async def test_an_async_spare_the_server_closed_is_replaced_before_anything_is_sent(
+    server: RedisServer,
+) -> None:
+    client = async_client(server, max_connections=2)
+    admin = aioredis.Redis(port=server.port)
+    try:
+        queue = qsync.new(client, prefix="akilled")
+        await queue.enqueue(Task("t", b"x", task_id="ak-1"))
+        # Killed from this event loop (an asyncio socket learns of the close only when its
+        # loop runs, as a live worker's loop does; a blocking kill would hide it).
+        assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        # As in the sync test: a lease sent on the closed socket would raise OutcomeUnknown.
+        [leased] = (await queue.lease("default")).tasks
+        assert leased.id == "ak-1"
+        await queue.close()
+    finally:
+        await admin.aclose()
+        await client.aclose()
