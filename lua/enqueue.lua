@@ -6,17 +6,20 @@
   KEYS[2] -> {<prefix>:<queue>}:scheduled    zset, ids scored by due time (ms)
   KEYS[3] -> {<prefix>:<queue>}:wake         list, wake-up token for idle workers (lib/wake)
   KEYS[4] -> {<prefix>:<queue>}:completed    zset, retained finished ids (a reused id leaves it)
-  KEYS[5..] -> per task, referenced by index from ARGV:
+  KEYS[5..] -> per task, in task order:
                {<prefix>:<queue>}:t:<id>     hash, the task
-               {<prefix>:<queue>}:u:<key>    string, a unique lock holding the owning id
+               {<prefix>:<queue>}:u:<key>    string, its unique lock (only when its profile has a TTL)
 
-  ARGV[1] -> n, the number of tasks; then 14 fields per task i, from ARGV[2 + (i-1)*14]:
-    +0 id                 +1 index in KEYS of the task hash
-    +2 index in KEYS of the unique lock (0: none)       +3 unique lock TTL (ms)
-    +4 type               +5 payload (bytes)           +6 fingerprint of type, payload and options
-    +7 max_retry          +8 timeout (ms, 0: none)     +9 deadline (ms since epoch, 0: none)
-    +10 retention (ms, 0: delete when done)            +11 retry delay (ms, -1: the worker's policy)
-    +12 delay (ms after server now, 0: none)           +13 process at (ms since epoch, 0: none)
+  ARGV[1] -> n, the number of tasks
+  ARGV[2] -> m, the number of profiles
+  ARGV[3..] -> 9 fields per profile j (what tasks of one type and options share), from ARGV[3 + (j-1)*9]:
+    +0 type               +1 max_retry                 +2 timeout (ms, 0: none)
+    +3 deadline (ms since epoch, 0: none)              +4 retention (ms, 0: delete when done)
+    +5 retry delay (ms, -1: the worker's policy)       +6 delay (ms after server now, 0: none)
+    +7 process at (ms since epoch, 0: none)            +8 unique lock TTL (ms, 0: no lock)
+  then 4 fields per task i, from ARGV[3 + m*9 + (i-1)*4]:
+    +0 id                 +1 its profile (1..m)        +2 payload (bytes)
+    +3 fingerprint of type, payload and options
 
   Returns:
     {now_ms, code_1, detail_1, ..., code_n, detail_n}, per task:
@@ -40,8 +43,8 @@ local rcall = redis.call
 local pending_key = KEYS[1]
 local scheduled_key = KEYS[2]
 local wake_key, completed_key = KEYS[3], KEYS[4]
-local n = tonumber(ARGV[1])
-local STRIDE = 14
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local PROFILE_STRIDE, TASK_STRIDE = 9, 4
 
 local wrong = first_wrong_type({pending_key, "list", scheduled_key, "zset", wake_key, "list",
                                  completed_key, "zset"})
@@ -50,19 +53,49 @@ if wrong then
 end
 
 local now = now_ms()
+local created = string.format("%d", now)  -- once per call, not a number conversion per task
+
+-- What tasks of one profile share is worked out once: due time, state, the optional fields.
+local profiles = {}
+for j = 1, m do
+  local p = 3 + (j - 1) * PROFILE_STRIDE
+  local delay, at = tonumber(ARGV[p + 6]), tonumber(ARGV[p + 7])
+  local due = now
+  if at > 0 then
+    due = at
+  elseif delay > 0 then
+    due = now + delay
+  end
+  -- Only non-default options are stored: the hash is most of a task's memory.
+  local options = {}
+  if ARGV[p + 2] ~= "0" then options[#options + 1] = "timeout"; options[#options + 1] = ARGV[p + 2] end
+  if ARGV[p + 3] ~= "0" then options[#options + 1] = "deadline"; options[#options + 1] = ARGV[p + 3] end
+  if ARGV[p + 4] ~= "0" then options[#options + 1] = "retention"; options[#options + 1] = ARGV[p + 4] end
+  if ARGV[p + 5] ~= "-1" then options[#options + 1] = "retry_delay"; options[#options + 1] = ARGV[p + 5] end
+  profiles[j] = {
+    type = ARGV[p], max_retry = ARGV[p + 1], options = options, due = due,
+    state = due > now and "scheduled" or "pending",
+    lock_ttl = ARGV[p + 8] ~= "0" and ARGV[p + 8] or nil,
+  }
+end
+
 local reply = {now}
 local ready = {}  -- ids going to pending, in order
 -- A completed task's hash expires on its own (PEXPIRE) while its id waits in completed for trim;
 -- an id reused after that expiry must leave completed, or it would be in two containers.
 local has_completed = rcall("EXISTS", completed_key) == 1
 
-for i = 1, n do
-  local b = 2 + (i - 1) * STRIDE
-  local id = ARGV[b]
-  local task_key = KEYS[tonumber(ARGV[b + 1])]
-  local lock_index = tonumber(ARGV[b + 2])
-  local lock_key = lock_index > 0 and KEYS[lock_index] or nil
-  local fingerprint = ARGV[b + 6]
+local key_index = 4
+local t = 3 + m * PROFILE_STRIDE
+for _ = 1, n do
+  local id, profile, fingerprint = ARGV[t], profiles[tonumber(ARGV[t + 1])], ARGV[t + 3]
+  key_index = key_index + 1
+  local task_key = KEYS[key_index]
+  local lock_key = nil
+  if profile.lock_ttl then
+    key_index = key_index + 1
+    lock_key = KEYS[key_index]
+  end
   local code, detail = 1, ""
 
   local task_type = key_type(task_key)
@@ -88,29 +121,12 @@ for i = 1, n do
   end
 
   if code == 1 then
-    local delay, at = tonumber(ARGV[b + 12]), tonumber(ARGV[b + 13])
-    local due = now
-    if at > 0 then
-      due = at
-    elseif delay > 0 then
-      due = now + delay
-    end
-    local state = due > now and "scheduled" or "pending"
-    -- Only non-default options are stored: the hash is most of a task's memory.
-    rcall("HSET", task_key, "v", "1", "t", ARGV[b + 4], "p", ARGV[b + 5], "f", fingerprint,
-          "s", state, "m", ARGV[b + 7], "r", "0", "c", now)
-    local options = {}
-    if ARGV[b + 8] ~= "0" then options[#options + 1] = "timeout"; options[#options + 1] = ARGV[b + 8] end
-    if ARGV[b + 9] ~= "0" then options[#options + 1] = "deadline"; options[#options + 1] = ARGV[b + 9] end
-    if ARGV[b + 10] ~= "0" then options[#options + 1] = "retention"; options[#options + 1] = ARGV[b + 10] end
-    if ARGV[b + 11] ~= "-1" then options[#options + 1] = "retry_delay"; options[#options + 1] = ARGV[b + 11] end
+    local state = profile.state
+    rcall("HSET", task_key, "v", "1", "t", profile.type, "p", ARGV[t + 2], "f", fingerprint,
+          "s", state, "m", profile.max_retry, "r", "0", "c", created, unpack(profile.options))
     if lock_key then
-      options[#options + 1] = "unique"
-      options[#options + 1] = lock_key
-      rcall("SET", lock_key, id, "PX", ARGV[b + 3])
-    end
-    if #options > 0 then
-      rcall("HSET", task_key, unpack(options))
+      rcall("SET", lock_key, id, "PX", profile.lock_ttl)
+      rcall("HSET", task_key, "unique", lock_key)
     end
     if has_completed then
       rcall("ZREM", completed_key, id)
@@ -118,12 +134,13 @@ for i = 1, n do
     if state == "pending" then
       ready[#ready + 1] = id
     else
-      rcall("ZADD", scheduled_key, due, id)
+      rcall("ZADD", scheduled_key, profile.due, id)
     end
     detail = state
   end
   reply[#reply + 1] = code
   reply[#reply + 1] = detail
+  t = t + TASK_STRIDE
 end
 if #ready > 0 then
   -- One LPUSH for the call (same order as one per task); n <= 1,000 stays within unpack's limit.

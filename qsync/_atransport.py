@@ -187,11 +187,15 @@ async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
         for piece in packed_pieces(exchange.commands):
             await conn.send_packed_command(piece, check_health=False)
         replies: list[Any] = []
-        for _ in exchange.commands:
+        on_reply = exchange.on_reply
+        for position in range(len(exchange.commands)):
             try:
-                replies.append(await conn.read_response(disable_decoding=True))
+                reply = await conn.read_response(disable_decoding=True)
             except REPLY_ERRORS as err:
-                replies.append(err.with_traceback(None))  # a reply, not a failure here: no frames kept
+                reply = err.with_traceback(None)  # a reply, not a failure here: no frames kept
+            replies.append(reply)
+            if on_reply is not None:
+                on_reply(position, reply)
         return replies
     except BaseException:
         await conn.disconnect()

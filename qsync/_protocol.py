@@ -3,15 +3,17 @@ re-routing, and the mapping of Redis failures to qsync errors.
 
 :func:`exchange_calls` is a generator. It yields :class:`Exchange` objects (commands to send on
 one connection); the driver sends them, reads one reply per command (a Redis error reply comes
-back as the ``ResponseError`` object, not raised) and sends the replies back in. Connection
-failures are thrown into the generator. Its return value has one item per call: the decoded
+back as the ``ResponseError`` object, not raised) and sends the replies back in, handing each
+reply to the exchange's ``on_reply`` as soon as it is read (the decoding of one script call's
+reply then runs while Redis still works on the calls sent after it). Connection failures are
+thrown into the generator. Its return value has one item per call: the decoded
 result or the QsyncError for that call. Nothing is ever re-sent blindly: only NOSCRIPT and
 MOVED/ASK replies (the script did not run), and connection errors for idempotent calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import hiredis
@@ -79,11 +81,16 @@ class ConnectFailed(Exception):
 
 
 class Exchange(NamedTuple):
-    """Commands to send on one connection, to the node that owns ``route_key``'s slot."""
+    """Commands to send on one connection, to the node that owns ``route_key``'s slot.
+
+    ``on_reply(position, reply)``, when set, is called by the driver with each reply as it is
+    read, before the next is read; it never raises.
+    """
 
     commands: list[tuple[Any, ...]]
     route_key: str
     refresh_routes: bool = False
+    on_reply: Callable[[int, Any], None] | None = None
 
 
 # An exchange goes out in pieces of about this size, packed one after another while Redis
@@ -172,22 +179,23 @@ def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Ex
             commands = [calls[i].command() for i in todo]
             if loads:  # NOSCRIPT answered before: load each script first, in the same exchange
                 commands[:0] = _script_loads(calls, todo, loads)
+            settled: set[int] = set()
+            on_reply = None
+            if len(todo) > 1:
+                on_reply = _settler(calls, todo, len(commands) - len(todo), results, settled)
             try:
-                replies = yield Exchange(commands, calls[todo[0]].keys[0], reroute)
+                replies = yield Exchange(commands, calls[todo[0]].keys[0], reroute, on_reply)
             except ConnectFailed as exc:
-                for i in todo:
-                    if i in resent:  # sent once already, on the connection that broke
-                        results[i] = _failure(calls[i], None, f"connection to Redis lost, then: {exc}")
-                    else:
-                        results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
+                _cannot_connect(calls, todo, exc, resent, results)
                 todo = []
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Replies read before the connection broke are results already: never re-sent.
+                todo = [i for i in todo if i not in settled]
                 todo = _after_broken_connection(calls, todo, exc, resent, results)
                 loads, reroute = _NO_LOADS, False
                 continue
-            if len(replies) > len(todo):
-                replies = replies[len(replies) - len(todo) :]  # the SCRIPT LOAD replies
+            todo, replies = _unsettled(todo, replies, settled)
             todo, loads, reroute = absorb_replies(calls, todo, replies, results)
         for i in todo:
             results[i] = _failure(calls[i], False, "Redis kept redirecting or reloading; giving up")
@@ -195,6 +203,27 @@ def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Ex
 
 
 _NO_LOADS: frozenset[str] = frozenset()
+
+
+def _cannot_connect(
+    calls: Sequence[Call[Any]], todo: list[int], exc: Exception, resent: set[int], results: list[Any]
+) -> None:
+    for i in todo:
+        if i in resent:  # sent once already, on the connection that broke
+            results[i] = _failure(calls[i], None, f"connection to Redis lost, then: {exc}")
+        else:
+            results[i] = _failure(calls[i], False, f"cannot connect to Redis: {exc}")
+
+
+def _unsettled(todo: list[int], replies: list[Any], settled: set[int]) -> tuple[list[int], list[Any]]:
+    """The calls not settled as their replies arrived, with their replies (the SCRIPT LOAD
+    replies in front dropped)."""
+    if len(replies) > len(todo):
+        replies = replies[len(replies) - len(todo) :]
+    if not settled:
+        return todo, replies
+    left = [(i, r) for i, r in zip(todo, replies, strict=True) if i not in settled]
+    return [i for i, _ in left], [r for _, r in left]
 
 
 def _script_loads(
@@ -219,6 +248,39 @@ def _after_broken_connection(
     return again
 
 
+def _settler(
+    calls: Sequence[Call[Any]], todo: list[int], loads: int, results: list[Any], settled: set[int]
+) -> Callable[[int, Any], None]:
+    """An exchange's ``on_reply``: decodes each call's reply as it arrives into ``results`` and
+    adds the call to ``settled``. Error replies (NOSCRIPT, MOVED, refusals) are left for
+    :func:`absorb_replies`, which decides on them once the whole exchange is read. ``loads`` is
+    the number of SCRIPT LOAD commands in front of the calls."""
+
+    def on_reply(position: int, reply: Any) -> None:
+        if position >= loads and not isinstance(reply, REPLY_ERRORS):
+            i = todo[position - loads]
+            results[i] = _decoded(calls[i], reply)
+            settled.add(i)
+
+    return on_reply
+
+
+def _decoded(call: Call[Any], reply: Any) -> Any:
+    """A call's result from its reply (not an error reply), or the error that stands for it."""
+    try:
+        return call.decode(reply)
+    except QsyncError as exc:
+        return exc.with_traceback(None)  # a result: its frames would hold the queue
+    except (ValueError, TypeError, OverflowError, OSError, IndexError, KeyError) as exc:
+        # Data qsync cannot read (damaged, or written by a newer version): this call's error,
+        # never an exception that would lose the other calls' results. The exception's text is
+        # left out: it may quote payload bytes.
+        return ScriptError(
+            f"{call.op} on queue {call.queue!r}: cannot read Redis's reply "
+            f"({type(exc).__name__}); the task's data is damaged or from a newer qsync"
+        )
+
+
 def absorb_replies(
     calls: Sequence[Call[Any]], todo: list[int], replies: list[Any], results: list[Any]
 ) -> tuple[list[int], frozenset[str], bool]:
@@ -230,18 +292,7 @@ def absorb_replies(
     for i, reply in zip(todo, replies, strict=True):
         call = calls[i]
         if not isinstance(reply, REPLY_ERRORS):
-            try:
-                results[i] = call.decode(reply)
-            except QsyncError as exc:
-                results[i] = exc.with_traceback(None)  # a result: its frames would hold the queue
-            except (ValueError, TypeError, OverflowError, OSError, IndexError, KeyError) as exc:
-                # Data qsync cannot read (damaged, or written by a newer version): this call's
-                # error, never an exception that would lose the other calls' results. The
-                # exception's text is left out: it may quote payload bytes.
-                results[i] = ScriptError(
-                    f"{call.op} on queue {call.queue!r}: cannot read Redis's reply "
-                    f"({type(exc).__name__}); the task's data is damaged or from a newer qsync"
-                )
+            results[i] = _decoded(call, reply)
         elif isinstance(reply, NoScriptError) and call.script is not None:
             loads |= {call.script.sha}
             again.append(i)

@@ -186,11 +186,15 @@ def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     try:
         conn.send_packed_command(packed_pieces(exchange.commands), check_health=False)
         replies: list[Any] = []
-        for _ in exchange.commands:
+        on_reply = exchange.on_reply
+        for position in range(len(exchange.commands)):
             try:
-                replies.append(conn.read_response(disable_decoding=True))
+                reply = conn.read_response(disable_decoding=True)
             except REPLY_ERRORS as err:
-                replies.append(err.with_traceback(None))  # a reply, not a failure here: no frames kept
+                reply = err.with_traceback(None)  # a reply, not a failure here: no frames kept
+            replies.append(reply)
+            if on_reply is not None:
+                on_reply(position, reply)
         return replies
     except BaseException:
         conn.disconnect()

@@ -112,7 +112,7 @@ class Task:
             and unique_key is None
             and retention is None
         ):
-            self.options = _DEFAULT_OPTIONS
+            self.options = DEFAULT_OPTIONS
         else:
             self.options = _options(
                 self.type, self.payload, retry=retry, retry_delay=retry_delay, delay=delay,
@@ -133,7 +133,7 @@ class Task:
             o = self.options
             h = hashlib.blake2b((self.type + "\0").encode(), digest_size=8)
             h.update(self.payload)
-            h.update(_DEFAULT_OPTIONS_DIGESTED if o is _DEFAULT_OPTIONS else _digested(o))
+            h.update(_DEFAULT_OPTIONS_DIGESTED if o is DEFAULT_OPTIONS else _digested(o))
             fingerprint = self._fingerprint = h.digest()
         return fingerprint
 
@@ -200,11 +200,11 @@ def _digested(o: _Options) -> bytes:
 
 
 # Most tasks take every default: they share one immutable _Options, digested once.
-_DEFAULT_OPTIONS = _Options(
+DEFAULT_OPTIONS = _Options(
     max_retry=DEFAULT_MAX_RETRY, retry_delay_ms=-1, delay_ms=0, process_at_ms=0, timeout_ms=0,
     deadline_ms=0, retention_ms=0, unique_ttl_ms=0, unique_key=None,
 )  # fmt: skip
-_DEFAULT_OPTIONS_DIGESTED = _digested(_DEFAULT_OPTIONS)
+_DEFAULT_OPTIONS_DIGESTED = _digested(DEFAULT_OPTIONS)
 
 
 def _random_id() -> str:

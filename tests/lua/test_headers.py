@@ -65,8 +65,8 @@ class Header:
     keys: list[str]  # KEYS[1..n] patterns
     variadic_keys: list[str]  # patterns of KEYS[n+1..] (per item), if any
     argv: list[int]  # fixed ARGV indexes
-    argv_start: int | None  # first index of a repeated group, if any
-    argv_stride: int | None  # fields per item of that group
+    argv_start: int | None  # first index of the repeated groups, if any
+    argv_groups: list[tuple[str, int]]  # each repeated group in order: (item, fields per item)
 
     def section(self, title: str) -> str:
         """The text from ``title`` to the next blank-line-separated section."""
@@ -79,7 +79,7 @@ _FIXED_KEY = re.compile(r"^\s*KEYS\[(\d+)\]\s*->\s*(\S+)", re.MULTILINE)
 _VARIADIC_KEY = re.compile(r"^\s*KEYS\[(\d+)\.\.\]\s*->.*\n((?:\s+\{<prefix>.*\n)+)", re.MULTILINE)
 _FIXED_ARG = re.compile(r"^\s*ARGV\[(\d+)\]\s*->", re.MULTILINE)
 _VARIADIC_ARG = re.compile(r"^\s*ARGV\[(\d+)\.\.\]\s*->\s*(.*)$", re.MULTILINE)
-_PER_ITEM = re.compile(r"(\d+) fields per task")
+_PER_ITEM = re.compile(r"(\d+) fields per (task|profile)")
 _OFFSET = re.compile(r"(?<![\w\]])\+(\d+) ")
 
 
@@ -100,15 +100,18 @@ def parse(name: str) -> Header:
 
     argv = sorted(int(i) for i in _FIXED_ARG.findall(text))
     assert argv == list(range(1, len(argv) + 1)), f"lua/{name}.lua: ARGV lines must be numbered 1..n"
-    argv_start = argv_stride = None
+    argv_start = None
+    groups: list[tuple[str, int]] = []
     for start, rest in _VARIADIC_ARG.findall(text):
         argv_start = int(start)
-        argv_stride = 2 if rest.startswith("pairs") else int(_PER_ITEM.search(rest).group(1))  # type: ignore[union-attr]
+        if rest.startswith("pairs"):
+            groups = [("item", 2)]
     argv_block = re.search(r"^\s*ARGV.*?(?=\n\s*\n|\Z)", text, re.MULTILINE | re.DOTALL)
-    per_item = _PER_ITEM.search(argv_block.group(0)) if argv_block else None
-    if argv_start is None and per_item:  # "ARGV[1] -> n; then 14 fields per task i, ..."
-        argv_start, argv_stride = len(argv) + 1, int(per_item.group(1))
-    return Header(name, text, body, [p for _, p in fixed], variadic_keys, argv, argv_start, argv_stride)
+    if not groups and argv_block:  # "ARGV[3..] -> 9 fields per profile j ...; then 4 fields per task i"
+        groups = [(item, int(stride)) for stride, item in _PER_ITEM.findall(argv_block.group(0))]
+        if groups and argv_start is None:
+            argv_start = len(argv) + 1
+    return Header(name, text, body, [p for _, p in fixed], variadic_keys, argv, argv_start, groups)
 
 
 def pattern_of(key: str) -> str:
@@ -191,34 +194,41 @@ def test_header_argv_matches_the_arguments_qsync_passes(name: str) -> None:
         else:
             assert len(args) == len(h.argv), f"lua/{name}.lua: ARGV in the header vs qsync/_ops.py"
         return
-    assert h.argv_stride is not None
     assert h.argv_start == len(h.argv) + 1, f"lua/{name}.lua: the repeated ARGV must follow the fixed ones"
-    assert len(args) - len(h.argv) == BATCH_ITEMS * h.argv_stride, (
-        f"lua/{name}.lua: {h.argv_stride} ARGV per item in the header, but qsync passes "
-        f"{len(args) - len(h.argv)} for {BATCH_ITEMS} items"
+    # Items per group: the tasks, and for enqueue the profiles it names in ARGV[2].
+    counts = {"item": BATCH_ITEMS, "task": BATCH_ITEMS, "profile": args[1] if name == "enqueue" else 0}
+    expected = sum(counts[item] * stride for item, stride in h.argv_groups)
+    assert len(args) - len(h.argv) == expected, (
+        f"lua/{name}.lua: the header's repeated ARGV ({h.argv_groups}) make {expected} for "
+        f"{BATCH_ITEMS} items, but qsync passes {len(args) - len(h.argv)}"
     )
 
 
-def test_enqueue_argv_offsets_and_key_indexes() -> None:
-    """enqueue documents its per-task fields as +0..+13 and finds each task's keys by index."""
+def test_enqueue_argv_layout_and_per_task_keys() -> None:
+    """enqueue documents each group's fields as +0..; the body's strides match the header; the
+    tasks name their profile, and each task's hash key comes in order, its lock key after it."""
     h = parse("enqueue")
-    offsets = sorted({int(x) for x in _OFFSET.findall(h.section("ARGV"))})
-    assert h.argv_stride is not None
-    assert offsets == list(range(h.argv_stride)), offsets
-    assert re.search(rf"STRIDE = {h.argv_stride}\b", h.body), "the body's STRIDE matches the header"
+    strides = dict(h.argv_groups)
+    assert list(strides) == ["profile", "task"], h.argv_groups
+    argv_text = h.section("ARGV")
+    profile_text, _, task_text = argv_text.partition("fields per task")
+    assert sorted({int(x) for x in _OFFSET.findall(profile_text)}) == list(range(strides["profile"]))
+    assert sorted({int(x) for x in _OFFSET.findall(task_text)}) == list(range(strides["task"]))
+    assert re.search(rf"PROFILE_STRIDE, TASK_STRIDE = {strides['profile']}, {strides['task']}\b", h.body), (
+        "the body's strides match the header"
+    )
 
     call = BUILDERS["enqueue"]()
     args = call.args
-    assert args[0] == BATCH_ITEMS
+    n, m = args[0], args[1]
+    assert (n, m) == (BATCH_ITEMS, 2), "the second task (unique) has a profile of its own"
+    first_task = 2 + m * strides["profile"]
+    profiles = [args[2 + j * strides["profile"] : 2 + (j + 1) * strides["profile"]] for j in range(m)]
+    assert [p[0] for p in profiles] == ["job", "job"] and [p[8] for p in profiles] == [0, 60_000]
     for i, task_id in enumerate(["ID-1", "ID-2"]):
-        base = 1 + i * h.argv_stride
-        assert args[base] == task_id
-        assert call.keys[args[base + 1] - 1] == K.task(task_id)
-        lock_index = args[base + 2]
-        if task_id == "ID-1":
-            assert lock_index == 0
-        else:
-            assert call.keys[lock_index - 1] == K.unique("UK")
+        fields = args[first_task + i * strides["task"] : first_task + (i + 1) * strides["task"]]
+        assert fields[0] == task_id and fields[1] == i + 1
+    assert call.keys[4:] == (K.task("ID-1"), K.task("ID-2"), K.unique("UK"))
 
 
 @pytest.mark.parametrize("name", script_names())

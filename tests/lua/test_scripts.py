@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fakeredis
@@ -276,6 +276,54 @@ def test_enqueue_many_items_are_independent(benv: Env) -> None:
     assert isinstance(results[1], TaskIdConflict)
     assert isinstance(results[2], qsync.TaskInfo)
     assert benv.pending() == ["n2", "n1", "taken"]
+
+
+def test_enqueue_many_gives_each_task_its_own_type_and_options(benv: Env) -> None:
+    # One script call, tasks of three types and five option sets interleaved: the call sends
+    # each shared profile once, and each task must still get exactly its own fields.
+    before = benv.now()
+    due = before + 3_600_000
+    tasks = [
+        task("plain-1"),
+        qsync.Task("mail", b"m", task_id="mail-1", timeout=30, retention=60),
+        task("late-1", delay=60),
+        qsync.Task("uniq", b"u1", task_id="uniq-1", unique=90, retry_delay=5),
+        task("plain-2", b"y"),
+        qsync.Task("mail", b"m2", task_id="mail-2", timeout=30, retention=60),
+        qsync.Task("uniq", b"u2", task_id="uniq-2", unique=90, retry_delay=5),
+        task("at-1", process_at=at(due), retry=0),
+    ]
+    infos = benv.enqueue(*tasks)
+    after = benv.now()
+
+    assert [i.state for i in infos] == [TaskState.PENDING, TaskState.PENDING, TaskState.SCHEDULED,
+                                        TaskState.PENDING, TaskState.PENDING, TaskState.PENDING,
+                                        TaskState.PENDING, TaskState.SCHEDULED]  # fmt: skip
+    assert benv.pending() == ["uniq-2", "mail-2", "plain-2", "uniq-1", "mail-1", "plain-1"]
+    assert benv.zids("scheduled") == ["late-1", "at-1"]
+    late = benv.score("scheduled", "late-1")
+    assert late is not None and before + 60_000 <= late <= after + 60_000
+    assert benv.score("scheduled", "at-1") == due
+
+    common = {"v", "t", "p", "f", "s", "m", "r", "c"}
+    expected_extra = {
+        "plain-1": {}, "plain-2": {}, "late-1": {}, "at-1": {},
+        "mail-1": {"timeout": b"30000", "retention": b"60000"},
+        "mail-2": {"timeout": b"30000", "retention": b"60000"},
+        "uniq-1": {"retry_delay": b"5000", "unique": lock_of(benv, tasks[3]).encode()},
+        "uniq-2": {"retry_delay": b"5000", "unique": lock_of(benv, tasks[6]).encode()},
+    }  # fmt: skip
+    for t in tasks:
+        h = benv.h(t.id)
+        assert set(h) == common | set(expected_extra[t.id]), (t.id, sorted(h))
+        assert {k: h[k] for k in expected_extra[t.id]} == expected_extra[t.id], t.id
+        assert (h["t"], h["p"], h["f"]) == (t.type.encode(), t.payload, t.fingerprint), t.id
+        assert h["m"] == str(t.options.max_retry).encode(), t.id
+        assert before <= int(h["c"]) <= after
+    for t in (tasks[3], tasks[6]):
+        assert benv.r.get(lock_of(benv, t)) == t.id.encode()
+        assert 0 < benv.r.pttl(lock_of(benv, t)) <= 90_000
+    assert benv.q.info("mail-2", queue=Q).timeout == timedelta(seconds=30)
 
 
 # --- unique locks ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ sent in which round, what is sent again, and which error each outcome gets. No R
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -25,13 +25,22 @@ def enqueue_call(task_id: str) -> Call[Any]:
 OK = [NOW_MS, 1, b"pending"]
 
 
-class Driver:
-    """Runs exchange_calls, answering each exchange with the next scripted step: a list of
-    replies, or an exception the connection raised."""
+class BrokeAfter(NamedTuple):
+    """A step where the connection broke after these replies were read."""
 
-    def __init__(self, *steps: list[Any] | Exception) -> None:
+    replies: list[Any]
+    error: Exception
+
+
+class Driver:
+    """Runs exchange_calls as the transports do, answering each exchange with the next
+    scripted step: a list of replies (each handed to the exchange's on_reply as it is "read"),
+    an exception the connection raised, or some replies and then the exception."""
+
+    def __init__(self, *steps: list[Any] | Exception | BrokeAfter) -> None:
         self.steps = list(steps)
         self.sent: list[Exchange] = []
+        self.log: list[str] = []
 
     def run(self, calls: list[Call[Any]], by_slot: bool = False) -> list[Any]:
         flow = exchange_calls(calls, by_slot=by_slot)
@@ -40,7 +49,15 @@ class Driver:
             while True:
                 self.sent.append(exchange)
                 step = self.steps.pop(0)
-                exchange = flow.throw(step) if isinstance(step, Exception) else flow.send(step)
+                if isinstance(step, Exception):
+                    exchange = flow.throw(step)
+                    continue
+                replies = step.replies if isinstance(step, BrokeAfter) else step
+                for position, reply in enumerate(replies):
+                    self.log.append(f"read {position}")
+                    if exchange.on_reply is not None:
+                        exchange.on_reply(position, reply)
+                exchange = flow.throw(step.error) if isinstance(step, BrokeAfter) else flow.send(step)
         except StopIteration as done:
             assert not self.steps, "steps left over"
             return done.value  # type: ignore[no-any-return]
@@ -120,3 +137,38 @@ def test_errors_decoded_into_results_keep_no_traceback() -> None:
 
 def _not_found(reply: Any) -> Any:
     raise NotApplied("info: gone", op="info")
+
+
+def _logged(driver: Driver, name: str, reply: Any) -> Any:
+    driver.log.append(f"decode {name}")
+    return reply
+
+
+def test_each_reply_is_decoded_as_it_is_read_while_later_ones_are_in_flight() -> None:
+    driver = Driver([b"r0", b"r1", b"r2"])
+    calls = [Call("op", "q", (KEYS.pending,), ("X",), lambda r, n=n: _logged(driver, n, r)) for n in "abc"]
+    assert driver.run(calls) == [b"r0", b"r1", b"r2"]
+    assert driver.log == ["read 0", "decode a", "read 1", "decode b", "read 2", "decode c"]
+
+
+def test_replies_read_before_the_connection_broke_are_results_and_never_sent_again() -> None:
+    # The ack's reply arrived: it is its result, not OutcomeUnknown, though acks are never
+    # re-sent; the enqueue whose reply was lost is sent once more, alone.
+    ack = Call("ack", "q", (KEYS.active,), ("X",), lambda r: ("acked", r))
+    calls = [ack, enqueue_call("a"), enqueue_call("b")]
+    driver = Driver(BrokeAfter([b"done", OK], RedisConnectionError("reset")), [OK])
+    got_ack, got_a, got_b = driver.run(calls)
+    assert got_ack == ("acked", b"done")
+    assert got_a[0].id == "a" and got_b[0].id == "b"
+    assert driver.sent[1].commands == [calls[2].command()]
+
+
+def test_error_replies_wait_for_the_whole_exchange_then_are_judged_as_before() -> None:
+    calls = [enqueue_call("a"), enqueue_call("b"), enqueue_call("c")]
+    noscript = NoScriptError("No matching script.")
+    driver = Driver([OK, noscript, OK], [b"sha", OK])
+    results = driver.run(calls)
+    assert [r[0].id for r in results] == ["a", "b", "c"]
+    script = calls[1].script
+    assert script is not None
+    assert driver.sent[1].commands == [("SCRIPT", "LOAD", script.source), calls[1].command()]
