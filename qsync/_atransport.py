@@ -9,7 +9,6 @@ A transport keeps one idle connection as a spare, as the sync one does.
 from __future__ import annotations
 
 import asyncio
-import os
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -19,12 +18,22 @@ import redis.asyncio as aioredis
 from redis.exceptions import MaxConnectionsError, RedisClusterException
 
 from ._ops import Call
-from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
-from ._transport import Spares
+from ._protocol import (
+    REPLY_ERRORS,
+    ConnectFailed,
+    Exchange,
+    decoded,
+    exchange_calls,
+    packed_pieces,
+    single_exchange,
+)
+from ._transport import Spares, process_id
 
 __all__ = ["AsyncTransport", "roundtrip"]
 
 _CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# What a send raises that the exchange flow judges (thrown into it).
+_DRIVER_ERRORS = (ConnectFailed, *_CONNECT_ERRORS)
 
 
 class _LoopSpares(Spares):
@@ -106,13 +115,27 @@ class AsyncTransport:
 
     async def run(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one round trip per node; one result or QsyncError per call."""
+        first: list[Any] | BaseException | None = None
+        if len(calls) == 1 and not self.by_slot:
+            # A single call (every enqueue, info, ...) goes out without the exchange flow; the
+            # flow takes over, from this first outcome, only for an error reply or a failure.
+            call = calls[0]
+            try:
+                first = await self._send(single_exchange(call))
+            except _DRIVER_ERRORS as exc:
+                first = exc
+            else:
+                if not isinstance(first[0], REPLY_ERRORS):
+                    return [decoded(call, first[0])]
         flow = exchange_calls(calls, by_slot=self.by_slot)
         try:
             exchange = next(flow)
+            if first is not None:
+                exchange = flow.throw(first) if isinstance(first, BaseException) else flow.send(first)
             while True:
                 try:
                     replies = await self._send(exchange)
-                except (ConnectFailed, redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                except _DRIVER_ERRORS as exc:
                     exchange = flow.throw(exc)
                 else:
                     exchange = flow.send(replies)
@@ -124,7 +147,7 @@ class AsyncTransport:
         if spares is None:
             assert isinstance(self.client, aioredis.RedisCluster)
             return await self._send_cluster(self.client, exchange)
-        pool, pid = spares.pool, os.getpid()
+        pool, pid = spares.pool, process_id()
         conn = spares.take(pid)
         try:
             if conn is None:

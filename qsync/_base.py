@@ -74,6 +74,17 @@ class QueueBase:
                 raise InvalidArgumentType(f"expected qsync.Task, got {type(task).__name__}")
             if len(task.payload) > self.max_payload_bytes:
                 raise PayloadTooLarge(len(task.payload), self.max_payload_bytes)
+        return self._enqueue_plan(keys, batch)
+
+    def _prepare_enqueue_one(self, task: Task, queue: str) -> _Enqueue:
+        if not isinstance(task, Task):
+            raise InvalidArgumentType(f"enqueue takes a qsync.Task, not {type(task).__name__}")
+        if len(task.payload) > self.max_payload_bytes:
+            raise PayloadTooLarge(len(task.payload), self.max_payload_bytes)
+        return self._enqueue_plan(self.keys(queue), [task])
+
+    def _enqueue_plan(self, keys: QueueKeys, batch: list[Task]) -> _Enqueue:
+        queue = keys.queue
         register = queue not in self._registered
         calls: list[Call[Any]] = [_ops.register_queue(self.prefix, queue)] if register else []
         calls += _ops.enqueue_many(keys, batch)

@@ -114,6 +114,15 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
     # task then costs four arguments, not fourteen, to pack in Python and to parse in Redis.
     task_prefix, queue = keys.task_prefix, keys.queue
     call_keys: list[str] = [keys.pending, keys.scheduled, keys.wake, keys.completed]
+    if len(tasks) == 1:  # every single enqueue: no profile table to build
+        task = tasks[0]
+        call_keys.append(task_prefix + task.id)
+        if task.options.unique_key is not None:
+            call_keys.append(keys.unique(task.options.unique_key))
+        args: tuple[Any, ...] = (1, 1, *_profile(task), task.id, 1, task.payload, task.fingerprint)
+        return _script_call(
+            "enqueue", keys, tuple(call_keys), args, _enqueue_decoder(queue, tasks), idempotent=True
+        )
     profiles: dict[Any, int] = {}
     profile_args: list[Any] = []
     task_args: list[Any] = []
@@ -123,15 +132,26 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
         profile = profiles.get(shared)
         if profile is None:
             profile = profiles[shared] = len(profiles) + 1
-            profile_args += (
-                task.type, o.max_retry, o.timeout_ms, o.deadline_ms, o.retention_ms, o.retry_delay_ms,
-                o.delay_ms, o.process_at_ms, o.unique_ttl_ms,
-            )  # fmt: skip
+            profile_args += _profile(task)
         call_keys.append(task_prefix + task.id)  # keys.task(task.id)
         if o.unique_key is not None:  # set exactly when unique_ttl_ms is (task.py _options)
             call_keys.append(keys.unique(o.unique_key))
         task_args += (task.id, profile, task.payload, task.fingerprint)
     args = (len(tasks), len(profiles), *profile_args, *task_args)
+    return _script_call(
+        "enqueue", keys, tuple(call_keys), args, _enqueue_decoder(queue, tasks), idempotent=True
+    )
+
+
+def _profile(task: Task) -> tuple[Any, ...]:
+    """The profile fields of lua/enqueue.lua for ``task``: its type and options."""
+    o = task.options
+    return (task.type, o.max_retry, o.timeout_ms, o.deadline_ms, o.retention_ms, o.retry_delay_ms,
+            o.delay_ms, o.process_at_ms, o.unique_ttl_ms)  # fmt: skip
+
+
+def _enqueue_decoder(queue: str, tasks: Sequence[Task]) -> Callable[[list[Any]], list[TaskInfo | QsyncError]]:
+    """Decodes an enqueue reply into one TaskInfo, or the error that refused it, per task."""
 
     def decode(reply: list[Any]) -> list[TaskInfo | QsyncError]:
         _check_whole(reply, "enqueue", queue)
@@ -149,7 +169,7 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
                 )
         return results
 
-    return _script_call("enqueue", keys, tuple(call_keys), args, decode, idempotent=True)
+    return decode
 
 
 _STATES: dict[bytes | str, TaskState] = {s.value.encode(): s for s in TaskState}

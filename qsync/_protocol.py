@@ -37,12 +37,14 @@ __all__ = [
     "ConnectFailed",
     "Exchange",
     "absorb_replies",
+    "decoded",
     "exchange_calls",
     "not_applied",
     "only_result",
     "outcome_unknown",
     "packed_pieces",
     "raise_first",
+    "single_exchange",
 ]
 
 # Replies that mean the command was refused before the script ran (or, for OOM, before its
@@ -259,13 +261,22 @@ def _settler(
     def on_reply(position: int, reply: Any) -> None:
         if position >= loads and not isinstance(reply, REPLY_ERRORS):
             i = todo[position - loads]
-            results[i] = _decoded(calls[i], reply)
+            results[i] = decoded(calls[i], reply)
             settled.add(i)
 
     return on_reply
 
 
-def _decoded(call: Call[Any], reply: Any) -> Any:
+def single_exchange(call: Call[Any]) -> Exchange:
+    """The exchange :func:`exchange_calls` yields first for ``call`` alone on one node.
+
+    A driver's fast path for a single call sends it without the generator; only when the
+    reply is an error reply, or the connection fails, does it start ``exchange_calls`` and
+    hand it that first outcome (see the transports' ``run``)."""
+    return Exchange([call.command()], call.keys[0])
+
+
+def decoded(call: Call[Any], reply: Any) -> Any:
     """A call's result from its reply (not an error reply), or the error that stands for it."""
     try:
         return call.decode(reply)
@@ -292,7 +303,7 @@ def absorb_replies(
     for i, reply in zip(todo, replies, strict=True):
         call = calls[i]
         if not isinstance(reply, REPLY_ERRORS):
-            results[i] = _decoded(call, reply)
+            results[i] = decoded(call, reply)
         elif isinstance(reply, NoScriptError) and call.script is not None:
             loads |= {call.script.sha}
             again.append(i)

@@ -20,15 +20,41 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from ._ops import Call
-from ._protocol import REPLY_ERRORS, ConnectFailed, Exchange, exchange_calls, packed_pieces
+from ._protocol import (
+    REPLY_ERRORS,
+    ConnectFailed,
+    Exchange,
+    decoded,
+    exchange_calls,
+    packed_pieces,
+    single_exchange,
+)
 
-__all__ = ["MAX_SPARES", "Spares", "SyncTransport"]
+__all__ = ["MAX_SPARES", "Spares", "SyncTransport", "process_id"]
 
 # Idle connections a transport keeps out of the pool: one serves a single thread's calls
 # back to back; more threads share the pool as before. Each is a connection the rest of the
 # application cannot take from a pool with max_connections while the queue lives.
 MAX_SPARES = 1
 _CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# What a send raises that the exchange flow judges (thrown into it).
+_DRIVER_ERRORS = (ConnectFailed, *_CONNECT_ERRORS)
+
+# This process's id, refreshed in a forked child: os.getpid() is a system call on each use,
+# and every call checks that the spare it takes is this process's.
+_pid = [os.getpid()]
+
+
+def _refresh_pid() -> None:
+    _pid[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def process_id() -> int:
+    """This process's id (what ``os.getpid()`` returns), without a system call."""
+    return _pid[0]
 
 
 class Spares:
@@ -48,7 +74,7 @@ class Spares:
         self.closed = False
 
     def take(self, pid: int) -> Any | None:
-        """A spare connection of process ``pid`` (the caller's ``os.getpid()``), or None."""
+        """A spare connection of process ``pid`` (the caller's :func:`process_id`), or None."""
         while True:
             try:
                 owner, conn = self.conns.pop()
@@ -69,7 +95,7 @@ class Spares:
 
     def take_all(self, keep: int = 0) -> list[Any]:
         """Remove this process's spares beyond ``keep`` (inherited ones are dropped)."""
-        pid = os.getpid()
+        pid = process_id()
         out = []
         while len(self.conns) > keep:
             conn = self.take(pid)
@@ -104,13 +130,27 @@ class SyncTransport:
 
     def run(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one round trip per node; one result or QsyncError per call."""
+        first: list[Any] | BaseException | None = None
+        if len(calls) == 1 and not self.by_slot:
+            # A single call (every enqueue, info, ...) goes out without the exchange flow; the
+            # flow takes over, from this first outcome, only for an error reply or a failure.
+            call = calls[0]
+            try:
+                first = self._send(single_exchange(call))
+            except _DRIVER_ERRORS as exc:
+                first = exc
+            else:
+                if not isinstance(first[0], REPLY_ERRORS):
+                    return [decoded(call, first[0])]
         flow = exchange_calls(calls, by_slot=self.by_slot)
         try:
             exchange = next(flow)
+            if first is not None:
+                exchange = flow.throw(first) if isinstance(first, BaseException) else flow.send(first)
             while True:
                 try:
                     replies = self._send(exchange)
-                except (ConnectFailed, redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                except _DRIVER_ERRORS as exc:
                     exchange = flow.throw(exc)
                 else:
                     exchange = flow.send(replies)
@@ -121,7 +161,7 @@ class SyncTransport:
         spares = self._spares
         if spares is None:
             return self._send_pooled(exchange)
-        pool, pid = spares.pool, os.getpid()
+        pool, pid = spares.pool, _pid[0]
         conn = spares.take(pid)
         try:
             if conn is None:

@@ -19,7 +19,7 @@ from ._base import DEFAULT_MAX_PAYLOAD, DEFAULT_QUEUE, QueueBase
 from ._keys import validate_name
 from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverResult, TrimResult
 from ._protocol import only_result
-from .errors import InvalidArgumentType, QsyncError
+from .errors import QsyncError
 from .server.api import AsyncServing
 from .task import MAX_ID_BYTES, Seconds, Task, TaskInfo, TaskState
 
@@ -79,9 +79,7 @@ class AsyncQueue(QueueBase, AsyncServing):
             NotEnqueued: Redis refused or could not be reached; the task was not enqueued.
             EnqueueUncertain: the reply was lost; enqueue again (idempotent by id).
         """
-        if not isinstance(task, Task):
-            raise InvalidArgumentType(f"enqueue takes a qsync.Task, not {type(task).__name__}")
-        plan = self._prepare_enqueue([task], queue)
+        plan = self._prepare_enqueue_one(task, queue)
         return only_result(self._finish_enqueue(plan, await self.run_calls(plan.calls)))  # type: ignore[no-any-return]
 
     async def enqueue_many(

@@ -19,7 +19,7 @@ from ._keys import validate_name
 from ._ops import Call, Failure, HasLease, LeaseBatch, PromoteResult, RecoverResult, TrimResult
 from ._protocol import only_result
 from ._transport import SyncTransport
-from .errors import InvalidArgumentType, QsyncError
+from .errors import QsyncError
 from .server.api import SyncServing
 from .task import MAX_ID_BYTES, Seconds, Task, TaskInfo, TaskState
 
@@ -79,9 +79,7 @@ class Queue(QueueBase, SyncServing):
             NotEnqueued: Redis refused or could not be reached; the task was not enqueued.
             EnqueueUncertain: the reply was lost; enqueue again (idempotent by id).
         """
-        if not isinstance(task, Task):
-            raise InvalidArgumentType(f"enqueue takes a qsync.Task, not {type(task).__name__}")
-        plan = self._prepare_enqueue([task], queue)
+        plan = self._prepare_enqueue_one(task, queue)
         return only_result(self._finish_enqueue(plan, self.run_calls(plan.calls)))  # type: ignore[no-any-return]
 
     def enqueue_many(
