@@ -5,7 +5,8 @@ It starts its own redis-server (never a Redis it did not start), then measures:
 - the Redis ceiling: ``redis-benchmark`` with plain LPUSH/RPOP and with qsync's enqueue script
   (EVALSHA), at ``-P 1`` and ``-P 16``;
 - enqueue: single ``Queue.enqueue`` against ``redis-benchmark -c 1 -P 1`` with the same script
-  (runs alternated, so both see the same minute of the machine), and ``enqueue_many`` against a bare loop sending the same pre-built 1,000-task script calls;
+  (runs alternated, so both see the same minute of the machine), and ``enqueue_many``
+  against a bare loop sending the same pre-built 1,000-task script calls;
 - drain: the full worker server (1 and 2 processes, no-op async handler) against a bare asyncio
   loop that only leases, runs a no-op coroutine and acks (``bare_loop.py``), and Redis CPU per
   task;
@@ -566,9 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     started = time.time()
     try:
-        ceiling: dict[str, float] = {}
         if "ceiling" in sections or "enqueue" in sections:
-            ceiling = measure_ceiling(bench, report, args.quick)
+            measure_ceiling(bench, report, args.quick)
         if "enqueue" in sections:
             measure_enqueue(bench, report, args.quick)
         if "memory" in sections:
