@@ -27,6 +27,7 @@ from qsync import Task, TaskInfo, TaskState
 from qsync._ops import ENQUEUE_CHUNK
 from qsync.errors import EnqueueUncertain, NotEnqueued, QsyncError
 from tests.integration.test_client import Shell
+from tests.polling import wait_until
 from tests.redis_procs import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -435,5 +436,52 @@ def test_out_of_memory_mid_batch_refuses_whole_script_calls_and_keeps_the_others
             assert all("OOM" in str(x) for x in results if isinstance(x, QsyncError))
             check_batch(r, queue, batch, results)
             assert r.keys(queue.keys("default").unique("*")) == []
+    finally:
+        server.cleanup()
+
+
+# --- 5. Redis restarted between the send and the reply ---------------------------------------
+
+
+class _LoadingServer(RedisServer):
+    """A RedisServer whose readiness probe also accepts a server still loading its data."""
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-LOADING"))
+        except OSError:
+            return False
+
+
+def test_a_reply_lost_to_a_restart_then_loading_is_uncertain_not_refused(shell: Shell) -> None:
+    # The enqueue ran and reached the AOF, then Redis died before its reply left. The re-send
+    # meets the restarted Redis still loading its AOF (with the task in it): LOADING says only
+    # that the re-send did not run, so the outcome is unknown, never "not enqueued".
+    server = _LoadingServer("--appendfsync", "always").start()
+    try:
+        with server.client() as admin:  # 100k commands in the AOF: loading takes a while
+            admin.eval("for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'fill:' .. i, 'x') end", 0, 100_000)
+
+        def restart_loading() -> None:
+            server.kill()
+            server.extra = ["--appendfsync", "always", "--key-load-delay", "50"]
+            server.start()
+
+        with ReplyCutter(server.port) as cutter:
+            queue = _warm(shell, cutter.port)
+            task = Task("restart", b"x", task_id="restart-1", unique=60)
+            cutter.on_cut = restart_loading
+            cutter.arm(0)
+            with pytest.raises(EnqueueUncertain) as caught:
+                queue.enqueue(task)
+            assert "LOADING" in str(caught.value)
+            with server.client() as admin:
+                admin.config_set("key-load-delay", 0)
+                wait_until(lambda: admin.info("persistence")["loading"] == 0, "Redis to finish loading")
+                assert admin.hget(queue.keys("default").task("restart-1"), "p") == b"x"  # it had run
+                assert queue.enqueue(task).state is TaskState.PENDING
+                check_one_copy_each(admin, queue, {"restart-1"} | WARM_IDS)
     finally:
         server.cleanup()

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, OutOfMemoryError
+from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError
 
 from qsync import Task, TaskInfo, TaskState
 from qsync._atransport import AsyncTransport
 from qsync._keys import keys_for
 from qsync._ops import Call, enqueue_many, lease
+from qsync._protocol import MAX_ROUNDS
 from qsync._transport import SyncTransport
 from qsync.errors import EnqueueUncertain, NotEnqueued, OutcomeUnknown
 
@@ -219,3 +220,25 @@ def test_a_lease_whose_connection_broke_on_the_fast_path_is_never_sent_again(run
     [result] = run(wire, [lease(KEYS, 1, 1000)])
     assert isinstance(result, OutcomeUnknown) and wire.evalsha_sent() == 1
     every_connection_back(wire)
+
+
+# A call sent on a connection that broke may have run there. What Redis answers to the second
+# send says nothing about the first, so a refusal of the second send is not "certainly not
+# applied": e.g. Redis restarted from its AOF (holding the first send's writes) and answers
+# LOADING while it reads the file back.
+
+
+def test_a_refused_resend_of_a_call_whose_connection_broke_is_uncertain_not_refused(run: Runner) -> None:
+    wire = Wire(
+        [redis.ConnectionError("reset")], [BusyLoadingError("Redis is loading the dataset in memory")]
+    )
+    [result] = run(wire, [enqueue_call()])
+    assert isinstance(result, EnqueueUncertain) and not isinstance(result, NotEnqueued)
+    assert "LOADING" in str(result) and "idempotent" in str(result)
+
+
+def test_giving_up_on_a_call_whose_connection_broke_is_uncertain_not_refused(run: Runner) -> None:
+    noscript = NoScriptError("No matching script.")
+    wire = Wire([redis.ConnectionError("reset")], [noscript], *[[b"sha", noscript]] * (MAX_ROUNDS - 2))
+    [result] = run(wire, [enqueue_call()])
+    assert isinstance(result, EnqueueUncertain) and not isinstance(result, NotEnqueued)
