@@ -13,7 +13,7 @@ MOVED/ASK replies (the script did not run), and connection errors for idempotent
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import hiredis
@@ -149,12 +149,14 @@ def _failure(call: Call[Any], applied: bool | None, reason: str) -> QsyncError:
     return OutcomeUnknown(message, op=call.op)
 
 
-def _classify_reply_error(call: Call[Any], err: Exception) -> QsyncError:
+def _classify_reply_error(call: Call[Any], err: Exception, resent: bool) -> QsyncError:
     code = error_code(err)
     text = str(err)
     if not text.startswith(code):
         text = f"{code} {text}"
     if code in _NOT_APPLIED or "OOM command not allowed" in text:
+        if resent:  # the refusal is of the re-send; the send on the broken connection may have run
+            return _failure(call, None, f"connection to Redis lost, then Redis refused the re-send: {text}")
         return _failure(call, False, f"Redis refused it: {text}")
     return ScriptError(f"{call.op} on queue {call.queue!r}: Redis answered an error: {text}")
 
@@ -198,9 +200,11 @@ def exchange_calls(calls: Sequence[Call[Any]], *, by_slot: bool) -> Generator[Ex
                 loads, reroute = _NO_LOADS, False
                 continue
             todo, replies = _unsettled(todo, replies, settled)
-            todo, loads, reroute = absorb_replies(calls, todo, replies, results)
+            todo, loads, reroute = absorb_replies(calls, todo, replies, results, resent)
         for i in todo:
-            results[i] = _failure(calls[i], False, "Redis kept redirecting or reloading; giving up")
+            # A call also sent on a connection that broke may have run there.
+            applied = None if i in resent else False
+            results[i] = _failure(calls[i], applied, "Redis kept redirecting or reloading; giving up")
     return results
 
 
@@ -293,10 +297,16 @@ def decoded(call: Call[Any], reply: Any) -> Any:
 
 
 def absorb_replies(
-    calls: Sequence[Call[Any]], todo: list[int], replies: list[Any], results: list[Any]
+    calls: Sequence[Call[Any]],
+    todo: list[int],
+    replies: list[Any],
+    results: list[Any],
+    resent: Collection[int] = (),
 ) -> tuple[list[int], frozenset[str], bool]:
     """Decode replies into results; return the calls to send again (NOSCRIPT: load the script
-    first; MOVED/ASK: refresh the routes first). Neither reply means the script ran."""
+    first; MOVED/ASK: refresh the routes first). Neither reply means the script ran. A call in
+    ``resent`` was also sent on a connection that broke: a refusal of it now is of unknown
+    outcome (OutcomeUnknown), not NotApplied."""
     again: list[int] = []
     loads: frozenset[str] = _NO_LOADS
     reroute = False
@@ -311,7 +321,7 @@ def absorb_replies(
             reroute = True
             again.append(i)
         else:
-            results[i] = _classify_reply_error(call, reply)
+            results[i] = _classify_reply_error(call, reply, i in resent)
     return again, loads, reroute
 
 

@@ -40,21 +40,13 @@ _CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # What a send raises that the exchange flow judges (thrown into it).
 _DRIVER_ERRORS = (ConnectFailed, *_CONNECT_ERRORS)
 
-# This process's id, refreshed in a forked child: os.getpid() is a system call on each use,
-# and every call checks that the spare it takes is this process's.
-_pid = [os.getpid()]
-
-
-def _refresh_pid() -> None:
-    _pid[0] = os.getpid()
-
-
-os.register_at_fork(after_in_child=_refresh_pid)
-
 
 def process_id() -> int:
-    """This process's id (what ``os.getpid()`` returns), without a system call."""
-    return _pid[0]
+    """This process's id, asked of the OS at each call (as redis-py's pools do). Not a cached
+    value refreshed by an ``os.register_at_fork`` hook: a fork made in C runs no such hook
+    (uWSGI's pre-forked workers by default), and a child still holding its parent's pid would
+    take the parent's spare connection, two processes reading each other's replies."""
+    return os.getpid()
 
 
 class Spares:
@@ -161,7 +153,7 @@ class SyncTransport:
         spares = self._spares
         if spares is None:
             return self._send_pooled(exchange)
-        pool, pid = spares.pool, _pid[0]
+        pool, pid = spares.pool, os.getpid()
         conn = spares.take(pid)
         try:
             if conn is None:

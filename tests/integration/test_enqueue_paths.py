@@ -1,0 +1,523 @@
+"""The enqueue paths under inputs and faults meant to break them: profiles shared by the tasks
+of one script call (lua/enqueue.lua), replies decoded as they are read (``Exchange.on_reply``),
+the single-call fast path of both transports, and the fork-aware spare connection.
+
+For every batch the check is the one reliability.md asks of a per-item result (F18, F19): a
+task reported enqueued is present with its own type, options, unique lock and due time; a task
+reported NotEnqueued is absent; one reported EnqueueUncertain may be either, and enqueueing it
+again with the same id leaves exactly one copy (I1, I5, dup = 0).
+
+Private Redis servers and proxies are started here, on free ports, and stopped by pid;
+nothing waits on a sleep and nothing asserts on how long something took."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import hiredis
+import pytest
+import redis
+
+import qsync
+from qsync import Task, TaskInfo, TaskState
+from qsync._ops import ENQUEUE_CHUNK
+from qsync.errors import EnqueueUncertain, NotEnqueued, QsyncError
+from tests.integration.test_client import Shell
+from tests.polling import wait_until
+from tests.redis_procs import RedisServer
+
+pytestmark = pytest.mark.redis
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def shell(make_queue: Any) -> Iterator[Shell]:
+    """Queues of the flavour (sync/async) of this run of the test, on any Redis."""
+    made = Shell(make_queue.flavour)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def expected_fields(queue: Any, task: Task) -> dict[bytes, bytes]:
+    """The task hash fields enqueue writes for ``task`` (lua/README.md), but the creation time."""
+    o = task.options
+    fields = {b"v": b"1", b"t": task.type.encode(), b"p": task.payload, b"f": task.fingerprint,
+              b"m": b"%d" % o.max_retry, b"r": b"0"}  # fmt: skip
+    optional = {b"timeout": o.timeout_ms, b"deadline": o.deadline_ms, b"retention": o.retention_ms}
+    fields.update({name: b"%d" % value for name, value in optional.items() if value})
+    if o.retry_delay_ms != -1:
+        fields[b"retry_delay"] = b"%d" % o.retry_delay_ms
+    if o.unique_key is not None:
+        fields[b"unique"] = queue.keys("default").unique(o.unique_key).encode()
+    return fields
+
+
+def check_batch(r: redis.Redis, queue: Any, tasks: list[Task], results: list[Any]) -> list[Task]:
+    """Check each result against Redis; return the tasks reported EnqueueUncertain."""
+    keys = queue.keys("default")
+    assert len(results) == len(tasks)
+    uncertain = []
+    for task, result in zip(tasks, results, strict=True):
+        stored = r.hgetall(keys.task(task.id))
+        if isinstance(result, TaskInfo):
+            assert result.id == task.id
+            assert {k: v for k, v in stored.items() if k not in (b"c", b"s")} == expected_fields(queue, task)
+            assert stored[b"s"] == result.state.value.encode()
+            if task.options.unique_key is not None:
+                assert r.get(keys.unique(task.options.unique_key)) == task.id.encode()
+            if result.state is TaskState.SCHEDULED and task.options.process_at_ms:
+                assert r.zscore(keys.scheduled, task.id) == task.options.process_at_ms
+        elif isinstance(result, NotEnqueued):
+            assert stored == {}, f"{task.id} reported NotEnqueued but it is in Redis"
+        else:
+            assert isinstance(result, EnqueueUncertain), (task.id, result)
+            uncertain.append(task)
+    return uncertain
+
+
+def check_one_copy_each(r: redis.Redis, queue: Any, ids: set[str]) -> None:
+    """Every id is in exactly one of pending/scheduled, once, and no other task exists (I5)."""
+    keys = queue.keys("default")
+    pending = [x.decode() for x in r.lrange(keys.pending, 0, -1)]
+    scheduled = [x.decode() for x in r.zrange(keys.scheduled, 0, -1)]
+    assert len(pending) == len(set(pending)), "an id is twice in pending"
+    assert sorted(pending + scheduled) == sorted(ids)
+    hashes = {k.decode().removeprefix(keys.task_prefix) for k in r.scan_iter(match=keys.task_prefix + "*")}
+    assert hashes == ids
+
+
+def settle_uncertain(r: redis.Redis, queue: Any, uncertain: list[Task]) -> None:
+    """Enqueue the uncertain tasks again with the same ids: each ends enqueued, once."""
+    if uncertain:
+        again = queue.enqueue_many(uncertain)
+        assert all(isinstance(x, TaskInfo) for x in again), again
+        check_batch(r, queue, uncertain, again)
+
+
+# --- 1. profiles -------------------------------------------------------------------------------
+
+
+def mixed_batch(tag: str, count: int) -> list[Task]:
+    """Tasks whose type and options change from one task to the next, so the profiles of a
+    script call interleave: unique and plain tasks of one type, delay and process_at, retry=0,
+    non-ASCII and 255-byte types, and some ids used twice (same content, then other content)."""
+    now = datetime.now(UTC)
+    types = ["mail", "ü型", "t" * 255, "with space"]
+    tasks = []
+    for i in range(count):
+        kind = i % 9
+        options: dict[str, Any] = {}
+        if kind == 1:
+            options = {"unique": 60}
+        elif kind == 2:
+            options = {"retry": 0, "retry_delay": 0}
+        elif kind == 3:
+            options = {"delay": 30 + i % 2}
+        elif kind == 4:
+            options = {"process_at": now + timedelta(seconds=90 + i % 3)}
+        elif kind == 5:
+            options = {"process_at": now - timedelta(seconds=5)}  # due: pending
+        elif kind == 6:
+            options = {"timeout": 1 + i % 2, "retention": 10, "deadline": now + timedelta(hours=1 + i % 2)}
+        elif kind == 7:
+            options = {"unique": 30 + i % 2, "unique_key": f"{tag}-key-{i}", "retry": i % 7}
+        payload = f"{tag}-{i}".encode() * (1 + i % 5)
+        tasks.append(Task(types[i % len(types)], payload, task_id=f"{tag}-{i}", **options))
+    return tasks
+
+
+def test_mixed_profiles_across_chunks_give_each_task_its_own_fields(make_queue: Any, r: redis.Redis) -> None:
+    queue = make_queue()
+    tasks = mixed_batch("mix", 3 * ENQUEUE_CHUNK + 7)
+    # An id used again later in the batch: the same task (idempotent) once, other content once,
+    # both within one script call and across the chunk boundary.
+    tasks += [tasks[3], tasks[ENQUEUE_CHUNK - 1], Task("mail", b"other", task_id=tasks[5].id)]
+    tasks.insert(ENQUEUE_CHUNK, Task("mail", b"other", task_id=tasks[0].id))
+    results = queue.enqueue_many(tasks)
+    firsts: dict[str, Task] = {}
+    for task, result in zip(tasks, results, strict=True):
+        first = firsts.setdefault(task.id, task)
+        if first is task:
+            assert isinstance(result, TaskInfo), (task.id, result)
+        elif first.fingerprint == task.fingerprint:  # idempotent: the state Redis holds
+            assert isinstance(result, TaskInfo)
+            assert r.hget(queue.keys("default").task(task.id), "s") == result.state.value.encode()
+        else:
+            assert type(result).__name__ == "TaskIdConflict", (task.id, result)
+    check_batch(r, queue, list(firsts.values()), [results[tasks.index(t)] for t in firsts.values()])
+    check_one_copy_each(r, queue, set(firsts))
+
+
+def test_a_script_call_of_distinct_profiles_each_unique_or_not(make_queue: Any, r: redis.Redis) -> None:
+    # ENQUEUE_CHUNK profiles in one call (every task its own max_retry), every other task with
+    # a unique lock: the lock key follows its task's key only for the tasks that have one.
+    queue = make_queue()
+    tasks = [
+        Task("p", b"%d" % i, task_id=f"p-{i}", retry=i, **({"unique": 1 + i} if i % 2 else {}))
+        for i in range(ENQUEUE_CHUNK + 1)
+    ]
+    results = queue.enqueue_many(tasks)
+    assert check_batch(r, queue, tasks, results) == []
+    for task in tasks[1::2]:
+        lock = queue.keys("default").unique(task.options.unique_key)
+        assert 0 < r.pttl(lock) <= task.options.unique_ttl_ms
+    # The same batch again: every task is its own idempotent success, no lock changes hands.
+    assert [x.id for x in queue.enqueue_many(tasks) if isinstance(x, TaskInfo)] == [t.id for t in tasks]
+    check_one_copy_each(r, queue, {t.id for t in tasks})
+
+
+# --- 2. the script cache and the connection, between calls -------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["script-flush", "client-kill", "both"])
+def test_script_flush_or_client_kill_between_calls_applies_each_call_once(
+    make_queue: Any, r: redis.Redis, fault: str
+) -> None:
+    queue = make_queue()
+    ids: set[str] = set()
+    for round_ in range(6):
+        if fault in ("script-flush", "both"):
+            r.script_flush()
+        if fault in ("client-kill", "both"):
+            assert r.client_kill_filter(_type="normal", skipme=True) >= 0
+        if round_ % 2:  # the single-call fast path
+            task = Task("s", b"%d" % round_, task_id=f"s-{round_}", unique=60)
+            assert queue.enqueue(task).state is TaskState.PENDING
+            tasks = [task]
+        else:
+            tasks = mixed_batch(f"m{round_}", 2 * ENQUEUE_CHUNK + 1)
+            assert check_batch(r, queue, tasks, queue.enqueue_many(tasks)) == []
+        ids |= {t.id for t in tasks}
+    check_one_copy_each(r, queue, ids)
+
+
+# --- 3. a connection that breaks after some replies were read ----------------------------------
+
+
+class ReplyCutter:
+    """A TCP proxy in front of a Redis. After ``arm(n1, n2, ...)``, the next connections that
+    send an EVALSHA get only the first n1, n2, ... bytes of Redis's replies from then on; then
+    ``on_cut`` runs (if set) and the connection is closed towards the client (which reads what
+    it was given, then the end). Redis still gets and runs everything the client sends (its
+    replies are drained). Counts the EVALSHAs forwarded on each connection (``links``, in
+    order), and the complete replies each cut connection got before the cut."""
+
+    MARKER = b"EVALSHA"
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._cuts: list[int] = []
+        self.on_cut: Callable[[], None] | None = None
+        self.links: list[dict[str, int | None]] = []
+        self.replies_before_cut: list[int] = []
+
+    def arm(self, *cut_at: int) -> None:
+        with self._lock:
+            self._cuts = list(cut_at)
+
+    def __enter__(self) -> ReplyCutter:
+        self._spawn(self._accept_loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._listener.close()
+        for sock in sockets:
+            sock.close()
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._sockets += [client, server]
+            link: dict[str, int | None] = {"cut_at": None, "evalsha": 0}
+            with self._lock:
+                self.links.append(link)
+            self._spawn(self._upstream, client, server, link)
+            self._spawn(self._downstream, client, server, link)
+
+    def _upstream(self, client: socket.socket, server: socket.socket, link: dict[str, int | None]) -> None:
+        tail = b""
+        try:
+            while data := client.recv(65536):
+                window = tail + data
+                found = window.count(self.MARKER)
+                tail = window[-(len(self.MARKER) - 1) :]
+                with self._lock:
+                    link["evalsha"] = (link["evalsha"] or 0) + found
+                    if found and link["cut_at"] is None and self._cuts:
+                        link["cut_at"] = self._cuts.pop(0)
+                server.sendall(data)
+        except OSError:
+            pass
+        _shutdown(server, socket.SHUT_WR)
+
+    def _downstream(self, client: socket.socket, server: socket.socket, link: dict[str, int | None]) -> None:
+        forwarded = b""
+        try:
+            while data := server.recv(65536):
+                cut_at = link["cut_at"]
+                if cut_at is not None and len(forwarded) + len(data) >= cut_at:
+                    client.sendall(data[: cut_at - len(forwarded)])
+                    self._cut(forwarded + data[: cut_at - len(forwarded)])
+                    _shutdown(client, socket.SHUT_WR)
+                    while server.recv(65536):  # Redis runs the rest: drain its replies
+                        pass
+                    return
+                if cut_at is not None:
+                    forwarded += data
+                client.sendall(data)
+        except OSError:
+            pass
+        _shutdown(client)
+
+    def _cut(self, delivered: bytes) -> None:
+        reader = hiredis.Reader()
+        reader.feed(delivered)
+        complete = 0
+        while reader.gets() is not False:
+            complete += 1
+        with self._lock:
+            self.replies_before_cut.append(complete)
+        if self.on_cut is not None:
+            self.on_cut()
+
+
+def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def cutter(redis_server: RedisServer) -> Iterator[ReplyCutter]:
+    with ReplyCutter(redis_server.port) as proxy:
+        yield proxy
+
+
+WARM_UP = [Task("warm-up", b"%d" % i, task_id=f"warm-up-{i}") for i in range(3)]
+WARM_IDS = {t.id for t in WARM_UP}
+
+
+def _warm(shell: Shell, port: int) -> Any:
+    """A queue on ``port`` whose server check, queue registration and script load are done
+    (it holds the WARM_UP tasks), so a batch is its script calls alone on its spare connection."""
+    queue = shell.queue(port, prefix=f"cut{next(_prefixes)}")
+    queue.enqueue(WARM_UP[0])
+    queue.enqueue_many(WARM_UP[1:])
+    return queue
+
+
+def chunks(tasks: list[Task]) -> list[list[Task]]:
+    return [tasks[i : i + ENQUEUE_CHUNK] for i in range(0, len(tasks), ENQUEUE_CHUNK)]
+
+
+# Byte offsets into the replies of a 3-chunk batch: before any reply, inside the first, after
+# one or two whole replies (each is about 4 KiB: 250 x ":1\r\n$7\r\npending\r\n").
+@pytest.mark.parametrize("cut_at", [0, 1, 3000, 4400, 6000, 8800, 11000])
+def test_a_cut_after_some_replies_keeps_them_and_sends_only_the_rest_again(
+    shell: Shell, cutter: ReplyCutter, r: redis.Redis, cut_at: int
+) -> None:
+    queue = _warm(shell, cutter.port)
+    tasks = mixed_batch(f"c{cut_at}", 3 * ENQUEUE_CHUNK)
+    old_links = len(cutter.links)
+    cutter.arm(cut_at)
+    results = queue.enqueue_many(tasks)
+    [complete] = cutter.replies_before_cut
+    # Each call whose reply was read is a result; the others (idempotent) went out once more,
+    # on a new connection.
+    assert sum(link["evalsha"] or 0 for link in cutter.links[old_links:]) == 3 - complete
+    assert check_batch(r, queue, tasks, results) == []
+    check_one_copy_each(r, queue, {t.id for t in tasks} | WARM_IDS)
+
+
+@pytest.mark.parametrize("cuts", [(0, 0), (4400, 0), (4400, 4400), (8800, 1), (11000, 4400)])
+def test_a_cut_of_the_send_and_the_resend_leaves_uncertain_items_a_retry_settles_once(
+    shell: Shell, cutter: ReplyCutter, r: redis.Redis, cuts: tuple[int, int]
+) -> None:
+    queue = _warm(shell, cutter.port)
+    tasks = mixed_batch(f"u{cuts[0]}-{cuts[1]}", 3 * ENQUEUE_CHUNK + 1)
+    cutter.arm(*cuts)
+    results = queue.enqueue_many(tasks)
+    uncertain = check_batch(r, queue, tasks, results)
+    # The calls whose replies were read on either connection are results; the rest are not.
+    first, second = cutter.replies_before_cut
+    assert uncertain == [t for chunk in chunks(tasks)[first + second :] for t in chunk]
+    settle_uncertain(r, queue, uncertain)
+    check_one_copy_each(r, queue, {t.id for t in tasks} | WARM_IDS)
+
+
+def test_a_cut_in_a_batch_of_large_payloads_keeps_every_payload_whole(
+    shell: Shell, cutter: ReplyCutter, r: redis.Redis
+) -> None:
+    queue = _warm(shell, cutter.port)
+    tasks = [
+        Task("big", bytes([i % 251]) * (64 * 1024 + i), task_id=f"big-{i}") for i in range(ENQUEUE_CHUNK + 3)
+    ]
+    cutter.arm(4400)  # after the first reply
+    results = queue.enqueue_many(tasks)
+    assert check_batch(r, queue, tasks, results) == []
+    check_one_copy_each(r, queue, {t.id for t in tasks} | WARM_IDS)
+
+
+# --- 4. Redis refusing part of a batch -------------------------------------------------------
+
+
+def _fill(r: redis.Redis) -> None:
+    """Fill a noeviction Redis past its maxmemory: every write needing memory is OOM."""
+    r.config_set("maxmemory", "8mb")
+    for i in itertools.count():
+        try:
+            r.set(f"fill:{i}", b"x" * 65536)
+        except redis.exceptions.OutOfMemoryError:
+            break
+    r.config_set("maxmemory", max(1, int(r.info("memory")["used_memory"]) - 512 * 1024))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        r.set("probe", b"x")
+
+
+def test_out_of_memory_mid_batch_refuses_whole_script_calls_and_keeps_the_others(shell: Shell) -> None:
+    server = RedisServer("--maxmemory-policy", "noeviction").start()
+    try:
+        queue = shell.queue(server.port)
+        known = [Task("oom", b"%d" % i, task_id=f"known-{i}") for i in range(ENQUEUE_CHUNK + 1)]
+        assert all(isinstance(x, TaskInfo) for x in queue.enqueue_many(known))
+        with server.client() as r:
+            _fill(r)
+            # Chunk 1: tasks that exist (no write, so it runs); chunk 2: new tasks (OOM at the
+            # first write, nothing written); chunk 3: one that exists again.
+            new = [Task("oom", b"new-%d" % i, task_id=f"new-{i}", unique=60) for i in range(ENQUEUE_CHUNK)]
+            batch = known[:ENQUEUE_CHUNK] + new + [known[-1]]
+            results = queue.enqueue_many(batch)
+            assert [type(x) for x in results] == [TaskInfo] * ENQUEUE_CHUNK + [NotEnqueued] * len(new) + [
+                TaskInfo
+            ]
+            assert all("OOM" in str(x) for x in results if isinstance(x, QsyncError))
+            check_batch(r, queue, batch, results)
+            assert r.keys(queue.keys("default").unique("*")) == []
+    finally:
+        server.cleanup()
+
+
+# --- 5. Redis restarted between the send and the reply ---------------------------------------
+
+
+class _LoadingServer(RedisServer):
+    """A RedisServer whose readiness probe also accepts a server still loading its data."""
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-LOADING"))
+        except OSError:
+            return False
+
+
+def test_a_reply_lost_to_a_restart_then_loading_is_uncertain_not_refused(shell: Shell) -> None:
+    # The enqueue ran and reached the AOF, then Redis died before its reply left. The re-send
+    # meets the restarted Redis still loading its AOF (with the task in it): LOADING says only
+    # that the re-send did not run, so the outcome is unknown, never "not enqueued".
+    server = _LoadingServer("--appendfsync", "always").start()
+    try:
+        with server.client() as admin:  # 100k commands in the AOF: loading takes a while
+            admin.eval("for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'fill:' .. i, 'x') end", 0, 100_000)
+
+        def restart_loading() -> None:
+            server.kill()
+            server.extra = ["--appendfsync", "always", "--key-load-delay", "50"]
+            server.start()
+
+        with ReplyCutter(server.port) as cutter:
+            queue = _warm(shell, cutter.port)
+            task = Task("restart", b"x", task_id="restart-1", unique=60)
+            cutter.on_cut = restart_loading
+            cutter.arm(0)
+            with pytest.raises(EnqueueUncertain) as caught:
+                queue.enqueue(task)
+            assert "LOADING" in str(caught.value)
+            with server.client() as admin:
+                admin.config_set("key-load-delay", 0)
+                wait_until(lambda: admin.info("persistence")["loading"] == 0, "Redis to finish loading")
+                assert admin.hget(queue.keys("default").task("restart-1"), "p") == b"x"  # it had run
+                assert queue.enqueue(task).state is TaskState.PENDING
+                check_one_copy_each(admin, queue, {"restart-1"} | WARM_IDS)
+    finally:
+        server.cleanup()
+
+
+# --- 6. fork -----------------------------------------------------------------------------------
+
+
+def test_a_child_forked_without_pythons_fork_hooks_never_uses_the_parents_spare(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    # uWSGI (by default) and other C-level forkers do not run os.register_at_fork hooks: the
+    # child must still take its own connection, or two processes share one socket and read
+    # each other's replies.
+    client = redis.Redis(port=redis_server.port)
+    try:
+        queue = qsync.new(client, prefix=f"rawfork{next(_prefixes)}")
+        queue.enqueue(Task("t", b"x", task_id="parent-1"))  # the parent's spare
+        before = int(r.info("stats")["total_connections_received"])
+        libc = ctypes.PyDLL(None)  # PyDLL: the GIL stays held across fork()
+        pid = libc.fork()
+        if pid == 0:  # the child: leaves at once, whatever happens
+            code = 1
+            try:
+                code = 0 if queue.enqueue(Task("t", b"x", task_id="child-1")).id == "child-1" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert queue.enqueue(Task("t", b"x", task_id="parent-2")).id == "parent-2"
+        # One new connection, the child's: the parent's spare was left alone.
+        assert int(r.info("stats")["total_connections_received"]) - before == 1
+        check_one_copy_each(r, queue, {"parent-1", "child-1", "parent-2"})
+        queue.close()
+    finally:
+        client.close()
