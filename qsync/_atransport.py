@@ -9,6 +9,7 @@ A transport keeps one idle connection as a spare, as the sync one does.
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -27,13 +28,9 @@ from ._protocol import (
     packed_pieces,
     single_exchange,
 )
-from ._transport import Spares, process_id
+from ._transport import CONNECT_ERRORS, DRIVER_ERRORS, Spares
 
 __all__ = ["AsyncTransport", "roundtrip"]
-
-_CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
-# What a send raises that the exchange flow judges (thrown into it).
-_DRIVER_ERRORS = (ConnectFailed, *_CONNECT_ERRORS)
 
 
 class _LoopSpares(Spares):
@@ -122,7 +119,7 @@ class AsyncTransport:
             call = calls[0]
             try:
                 first = await self._send(single_exchange(call))
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 first = exc
             else:
                 if not isinstance(first[0], REPLY_ERRORS):
@@ -135,7 +132,7 @@ class AsyncTransport:
             while True:
                 try:
                     replies = await self._send(exchange)
-                except _DRIVER_ERRORS as exc:
+                except DRIVER_ERRORS as exc:
                     exchange = flow.throw(exc)
                 else:
                     exchange = flow.send(replies)
@@ -147,7 +144,7 @@ class AsyncTransport:
         if spares is None:
             assert isinstance(self.client, aioredis.RedisCluster)
             return await self._send_cluster(self.client, exchange)
-        pool, pid = spares.pool, process_id()
+        pool, pid = spares.pool, os.getpid()
         conn = spares.take(pid)
         try:
             if conn is None:
@@ -157,7 +154,7 @@ class AsyncTransport:
         except BaseException as exc:
             if conn is not None:
                 await pool.release(conn)
-            if isinstance(exc, _CONNECT_ERRORS):
+            if isinstance(exc, CONNECT_ERRORS):
                 raise ConnectFailed(str(exc)) from exc
             raise
         try:
@@ -181,7 +178,7 @@ class AsyncTransport:
                 raise ConnectFailed(f"no node serves the slot of {exchange.route_key!r}")
             conn = node.acquire_connection()
             await conn.connect()  # type: ignore[no-untyped-call]
-        except (*_CONNECT_ERRORS, RedisClusterException) as exc:
+        except (*CONNECT_ERRORS, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
             return await roundtrip(conn, exchange)

@@ -30,23 +30,16 @@ from ._protocol import (
     single_exchange,
 )
 
-__all__ = ["MAX_SPARES", "Spares", "SyncTransport", "process_id"]
+__all__ = ["CONNECT_ERRORS", "DRIVER_ERRORS", "MAX_SPARES", "Spares", "SyncTransport"]
 
 # Idle connections a transport keeps out of the pool: one serves a single thread's calls
 # back to back; more threads share the pool as before. Each is a connection the rest of the
 # application cannot take from a pool with max_connections while the queue lives.
 MAX_SPARES = 1
-_CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
-# What a send raises that the exchange flow judges (thrown into it).
-_DRIVER_ERRORS = (ConnectFailed, *_CONNECT_ERRORS)
-
-
-def process_id() -> int:
-    """This process's id, asked of the OS at each call (as redis-py's pools do). Not a cached
-    value refreshed by an ``os.register_at_fork`` hook: a fork made in C runs no such hook
-    (uWSGI's pre-forked workers by default), and a child still holding its parent's pid would
-    take the parent's spare connection, two processes reading each other's replies."""
-    return os.getpid()
+# What connecting or a round trip raises when the connection fails (the async client's errors
+# are these classes too), and what a send raises that the exchange flow judges (thrown into it).
+CONNECT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+DRIVER_ERRORS = (ConnectFailed, *CONNECT_ERRORS)
 
 
 class Spares:
@@ -55,7 +48,10 @@ class Spares:
     It holds no reference to its transport, so the transport's ``weakref.finalize`` can give
     the connections back when a queue is dropped without ``close()``. Each connection is kept
     with the pid that used it: a forked child drops the parent's (it must never use or shut
-    down the parent's sockets), and ``list.pop`` hands each one to exactly one thread.
+    down the parent's sockets), and ``list.pop`` hands each one to exactly one thread. The pid
+    is ``os.getpid()`` at each call, never a value cached and refreshed by an
+    ``os.register_at_fork`` hook: a fork made in C (uWSGI's pre-forked workers by default) runs
+    no such hook, and a child holding its parent's pid would share the parent's socket.
     """
 
     __slots__ = ("closed", "conns", "pool")
@@ -66,7 +62,7 @@ class Spares:
         self.closed = False
 
     def take(self, pid: int) -> Any | None:
-        """A spare connection of process ``pid`` (the caller's :func:`process_id`), or None."""
+        """A spare connection of process ``pid`` (the caller's ``os.getpid()``), or None."""
         while True:
             try:
                 owner, conn = self.conns.pop()
@@ -87,7 +83,7 @@ class Spares:
 
     def take_all(self, keep: int = 0) -> list[Any]:
         """Remove this process's spares beyond ``keep`` (inherited ones are dropped)."""
-        pid = process_id()
+        pid = os.getpid()
         out = []
         while len(self.conns) > keep:
             conn = self.take(pid)
@@ -129,7 +125,7 @@ class SyncTransport:
             call = calls[0]
             try:
                 first = self._send(single_exchange(call))
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 first = exc
             else:
                 if not isinstance(first[0], REPLY_ERRORS):
@@ -142,7 +138,7 @@ class SyncTransport:
             while True:
                 try:
                     replies = self._send(exchange)
-                except _DRIVER_ERRORS as exc:
+                except DRIVER_ERRORS as exc:
                     exchange = flow.throw(exc)
                 else:
                     exchange = flow.send(replies)
@@ -163,7 +159,7 @@ class SyncTransport:
         except BaseException as exc:
             if conn is not None:
                 pool.release(conn)
-            if isinstance(exc, _CONNECT_ERRORS):
+            if isinstance(exc, CONNECT_ERRORS):
                 raise ConnectFailed(str(exc)) from exc
             raise
         try:
@@ -187,12 +183,12 @@ class SyncTransport:
             else:
                 pool = client.connection_pool
             conn = pool.get_connection()
-        except (*_CONNECT_ERRORS, RedisClusterException) as exc:
+        except (*CONNECT_ERRORS, RedisClusterException) as exc:
             raise ConnectFailed(str(exc)) from exc
         try:
             try:
                 conn.connect()
-            except _CONNECT_ERRORS as exc:
+            except CONNECT_ERRORS as exc:
                 raise ConnectFailed(str(exc)) from exc
             return _roundtrip(conn, exchange)
         finally:
