@@ -253,23 +253,19 @@ def enqueue_command(queue: qsync.Queue) -> list[str]:
     return [w.replace(task.id, "__rand_int__") for w in words]
 
 
-def measure_ceiling(bench: PrivateRedis, report: Report, quick: bool) -> dict[str, float]:
+def measure_ceiling(bench: PrivateRedis, report: Report, quick: bool) -> None:
     console.rule("Redis ceiling (redis-benchmark, one connection)")
     n = 50_000 if quick else 200_000
     queue = qsync.new(bench.client, prefix="ceiling")
     bench.client.script_load(script("enqueue").source)
     evalsha = enqueue_command(queue)
-    found: dict[str, float] = {}
     for label, command in (("LPUSH", ["LPUSH", "ceiling:list", "x" * 16]), ("RPOP", ["RPOP", "ceiling:list"]),
                            ("EVALSHA enqueue", evalsha)):  # fmt: skip
         for pipeline in (1, 16):
             runs = [redis_benchmark(bench, *command, pipeline=pipeline, requests=n) for _ in range(3)]
-            rate = _median(runs)
-            found[f"{label} -P {pipeline}"] = rate
-            report.add(Row("ceiling", f"{label} -P {pipeline}", rate, "req/s"))
+            report.add(Row("ceiling", f"{label} -P {pipeline}", _median(runs), "req/s"))
     _delete_prefix(bench.client, "ceiling")
     bench.client.delete("ceiling:list")
-    return found
 
 
 def measure_enqueue(bench: PrivateRedis, report: Report, quick: bool) -> None:
