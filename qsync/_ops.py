@@ -114,15 +114,6 @@ def _enqueue_chunk(keys: QueueKeys, tasks: Sequence[Task]) -> Call[list[TaskInfo
     # task then costs four arguments, not fourteen, to pack in Python and to parse in Redis.
     task_prefix, queue = keys.task_prefix, keys.queue
     call_keys: list[str] = [keys.pending, keys.scheduled, keys.wake, keys.completed]
-    if len(tasks) == 1:  # every single enqueue: no profile table to build
-        task = tasks[0]
-        call_keys.append(task_prefix + task.id)
-        if task.options.unique_key is not None:
-            call_keys.append(keys.unique(task.options.unique_key))
-        args: tuple[Any, ...] = (1, 1, *_profile(task), task.id, 1, task.payload, task.fingerprint)
-        return _script_call(
-            "enqueue", keys, tuple(call_keys), args, _enqueue_decoder(queue, tasks), idempotent=True
-        )
     profiles: dict[Any, int] = {}
     profile_args: list[Any] = []
     task_args: list[Any] = []
