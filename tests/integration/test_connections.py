@@ -7,9 +7,10 @@ Private Redis servers, stopped by pid; no sleeps, no timing."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -139,17 +140,32 @@ def test_a_spare_the_server_closed_is_replaced_before_anything_is_sent(server: R
         client.close()
 
 
-def test_a_forked_child_never_uses_or_shuts_down_the_parents_spare(server: RedisServer) -> None:
+def _fork_with_python() -> int:
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about forking while other threads run; this child leaves at once.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def _fork_in_c() -> int:
+    # uWSGI (by default) and other C-level forkers run no os.register_at_fork hooks: the child
+    # must still take its own connection, or two processes share one socket and read each
+    # other's replies. PyDLL: the GIL stays held across fork().
+    return int(ctypes.PyDLL(None).fork())
+
+
+@pytest.mark.parametrize("fork", [_fork_with_python, _fork_in_c], ids=["os.fork", "libc-fork"])
+def test_a_forked_child_never_uses_or_shuts_down_the_parents_spare(
+    server: RedisServer, fork: Callable[[], int]
+) -> None:
     client = sync_client(server, max_connections=4)
     admin = server.client()
+    prefix = "fork" + fork.__name__  # one per way of forking: the server is the module's
     try:
-        queue = qsync.new(client, prefix="fork")
+        queue = qsync.new(client, prefix=prefix)
         queue.enqueue(Task("t", b"x", task_id="parent-1"))  # the parent's spare
         before = int(admin.info("stats")["total_connections_received"])
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about forking while other threads run; this child leaves at once.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        pid = fork()
         if pid == 0:  # the child: leaves at once, whatever happens
             code = 1
             try:
@@ -162,7 +178,8 @@ def test_a_forked_child_never_uses_or_shuts_down_the_parents_spare(server: Redis
         # One new connection, the child's: the parent's spare was neither used nor shut down
         # by the child (a shut-down socket would have made the parent reconnect).
         assert int(admin.info("stats")["total_connections_received"]) - before == 1
-        assert sorted(admin.lrange("{fork:default}:pending", 0, -1)) == [b"child-1", b"parent-1", b"parent-2"]
+        pending = admin.lrange(queue.keys("default").pending, 0, -1)
+        assert sorted(pending) == [b"child-1", b"parent-1", b"parent-2"]
         queue.close()
     finally:
         admin.close()

@@ -1,6 +1,7 @@
 """The enqueue paths under inputs and faults meant to break them: profiles shared by the tasks
 of one script call (lua/enqueue.lua), replies decoded as they are read (``Exchange.on_reply``),
-the single-call fast path of both transports, and the fork-aware spare connection.
+and the single-call fast path of both transports (the fork-aware spare connection, forked by
+Python or in C, is tested in test_connections.py).
 
 For every batch the check is the one reliability.md asks of a per-item result (F18, F19): a
 task reported enqueued is present with its own type, options, unique lock and due time; a task
@@ -12,9 +13,7 @@ nothing waits on a sleep and nothing asserts on how long something took."""
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -25,7 +24,6 @@ import hiredis
 import pytest
 import redis
 
-import qsync
 from qsync import Task, TaskInfo, TaskState
 from qsync._ops import ENQUEUE_CHUNK
 from qsync.errors import EnqueueUncertain, NotEnqueued, QsyncError
@@ -488,36 +486,3 @@ def test_a_reply_lost_to_a_restart_then_loading_is_uncertain_not_refused(shell: 
                 check_one_copy_each(admin, queue, {"restart-1"} | WARM_IDS)
     finally:
         server.cleanup()
-
-
-# --- 6. fork -----------------------------------------------------------------------------------
-
-
-def test_a_child_forked_without_pythons_fork_hooks_never_uses_the_parents_spare(
-    redis_server: RedisServer, r: redis.Redis
-) -> None:
-    # uWSGI (by default) and other C-level forkers do not run os.register_at_fork hooks: the
-    # child must still take its own connection, or two processes share one socket and read
-    # each other's replies.
-    client = redis.Redis(port=redis_server.port)
-    try:
-        queue = qsync.new(client, prefix=f"rawfork{next(_prefixes)}")
-        queue.enqueue(Task("t", b"x", task_id="parent-1"))  # the parent's spare
-        before = int(r.info("stats")["total_connections_received"])
-        libc = ctypes.PyDLL(None)  # PyDLL: the GIL stays held across fork()
-        pid = libc.fork()
-        if pid == 0:  # the child: leaves at once, whatever happens
-            code = 1
-            try:
-                code = 0 if queue.enqueue(Task("t", b"x", task_id="child-1")).id == "child-1" else 1
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert queue.enqueue(Task("t", b"x", task_id="parent-2")).id == "parent-2"
-        # One new connection, the child's: the parent's spare was left alone.
-        assert int(r.info("stats")["total_connections_received"]) - before == 1
-        check_one_copy_each(r, queue, {"parent-1", "child-1", "parent-2"})
-        queue.close()
-    finally:
-        client.close()
