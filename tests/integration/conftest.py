@@ -1,11 +1,14 @@
-"""Fixtures shared by the worker-server tests (test_server, test_waker, test_waker_faults)."""
+"""Fixtures shared by integration modules: the worker server (test_server, test_waker,
+test_waker_faults) and the client shells of either flavour (test_client, test_enqueue_paths)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from tests.integration.test_client import Shell
 from tests.integration.test_server import Worker
 from tests.redis_procs import RedisServer
 
@@ -18,3 +21,11 @@ def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
         yield w
     finally:
         w.close()
+
+
+@pytest.fixture
+def shell(make_queue: Any) -> Iterator[Shell]:
+    """Queues of the flavour (sync/async) of this run of the test, on any Redis."""
+    made = Shell(make_queue.flavour)
+    yield made
+    made.close()

@@ -149,14 +149,6 @@ class Shell:
 
 
 @pytest.fixture
-def shell(make_queue: Any) -> Iterator[Shell]:
-    """Queues of the flavour (sync/async) of this run of the test, on any Redis."""
-    made = Shell(make_queue.flavour)
-    yield made
-    made.close()
-
-
-@pytest.fixture
 def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A plain client on the session's Redis, to look at what qsync wrote (make_queue flushes)."""
     client = redis_server.client()

@@ -36,21 +36,6 @@ pytestmark = pytest.mark.redis
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def shell(make_queue: Any) -> Iterator[Shell]:
-    """Queues of the flavour (sync/async) of this run of the test, on any Redis."""
-    made = Shell(make_queue.flavour)
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    yield client
-    client.close()
-
-
 # --- checks ----------------------------------------------------------------------------------
 
 
