@@ -72,16 +72,19 @@ class QueueBase:
         for task in batch:
             if not isinstance(task, Task):
                 raise InvalidArgumentType(f"expected qsync.Task, got {type(task).__name__}")
-            if len(task.payload) > self.max_payload_bytes:
-                raise PayloadTooLarge(len(task.payload), self.max_payload_bytes)
+            self._check_payload(task)
         return self._enqueue_plan(keys, batch)
 
     def _prepare_enqueue_one(self, task: Task, queue: str) -> _Enqueue:
         if not isinstance(task, Task):
             raise InvalidArgumentType(f"enqueue takes a qsync.Task, not {type(task).__name__}")
+        keys = self.keys(queue)
+        self._check_payload(task)
+        return self._enqueue_plan(keys, [task])
+
+    def _check_payload(self, task: Task) -> None:
         if len(task.payload) > self.max_payload_bytes:
             raise PayloadTooLarge(len(task.payload), self.max_payload_bytes)
-        return self._enqueue_plan(self.keys(queue), [task])
 
     def _enqueue_plan(self, keys: QueueKeys, batch: list[Task]) -> _Enqueue:
         queue = keys.queue
