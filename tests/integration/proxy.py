@@ -1,7 +1,8 @@
 """A small TCP proxy between a Redis client and a Redis server, for fault tests (threads, no
 asyncio, so it serves the sync and the asyncio client alike).
 
-It forwards bytes both ways and counts the ``EVALSHA`` commands it forwards. Two faults:
+It forwards bytes both ways and counts the ``EVALSHA`` commands it forwards (in all, and per
+connection in ``links``, in the order they were accepted). Three faults:
 
 - ``drop_replies = n``: the next ``n`` connections that send an EVALSHA have it forwarded to
   Redis, but when Redis answers the reply is thrown away and the client's side of the connection
@@ -11,6 +12,11 @@ It forwards bytes both ways and counts the ``EVALSHA`` commands it forwards. Two
   (a client that pipelines them gets its replies at once; a client that waits for each reply
   before sending the next never sends the k-th, and after ``hold_timeout`` seconds the replies
   are released and ``hold_timed_out`` is set).
+- ``cut_replies(n1, n2, ...)``: the next connections that send an EVALSHA get only the first
+  n1, n2, ... bytes of Redis's replies from then on; then ``on_cut`` runs (if set) and the
+  connection is closed towards the client, which reads what it was given, then the end. Redis
+  still gets and runs everything the client sends (its replies are drained).
+  ``replies_before_cut`` lists, per cut connection, the complete replies it got before its cut.
 
 Start with ``Proxy(port).start()`` (or ``with Proxy(port) as proxy:``), stop with ``stop()``:
 it closes every socket it opened and joins its threads."""
@@ -19,7 +25,10 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
+
+import hiredis
 
 __all__ = ["Proxy"]
 
@@ -33,6 +42,8 @@ class _Link:
         self.client = client
         self.server = server
         self.dropping = False
+        self.evalsha = 0  # EVALSHA commands forwarded on this connection
+        self.cut_at: int | None = None  # bytes of replies it gets from its first EVALSHA on
 
 
 class Proxy:
@@ -60,6 +71,9 @@ class Proxy:
         self._hold_released = threading.Event()
         self._hold_released.set()
         self.hold_timed_out = False
+        self._cuts: list[int] = []
+        self.on_cut: Callable[[], None] | None = None
+        self.replies_before_cut: list[int] = []
 
     # --- control -------------------------------------------------------------------------
 
@@ -76,6 +90,17 @@ class Proxy:
         with self._lock:
             self._hold_target = 0
             self._hold_released.set()
+
+    def cut_replies(self, *byte_counts: int) -> None:
+        """Cut the next connections that send an EVALSHA after so many bytes of replies each."""
+        with self._lock:
+            self._cuts = list(byte_counts)
+
+    @property
+    def links(self) -> list[_Link]:
+        """Every connection accepted so far, in order."""
+        with self._lock:
+            return list(self._links)
 
     # --- life ----------------------------------------------------------------------------
 
@@ -157,6 +182,9 @@ class Proxy:
     def _saw_evalsha(self, link: _Link, found: int) -> None:
         with self._lock:
             self.evalsha_forwarded += found
+            link.evalsha += found
+            if self._cuts and link.cut_at is None:
+                link.cut_at = self._cuts.pop(0)
             if self.drop_replies > 0 and not link.dropping:
                 self.drop_replies -= 1
                 link.dropping = True
@@ -166,11 +194,17 @@ class Proxy:
                     self._hold_released.set()
 
     def _server_to_client(self, link: _Link) -> None:
+        forwarded = b""  # the replies since the cut was armed
         try:
             while True:
                 data = link.server.recv(65536)
                 if not data:
                     break
+                if link.cut_at is not None:
+                    if len(forwarded) + len(data) >= link.cut_at:
+                        self._cut(link, forwarded, data[: link.cut_at - len(forwarded)])
+                        return
+                    forwarded += data
                 if link.dropping:
                     # Applied, reply lost: the client sees its connection closed, no reply.
                     with self._lock:
@@ -186,6 +220,22 @@ class Proxy:
         except OSError:
             pass
         _shutdown(link.client)
+
+    def _cut(self, link: _Link, forwarded: bytes, last: bytes) -> None:
+        """Give the client ``last`` (the replies up to the cut, after the ``forwarded`` ones),
+        then its end of the stream; Redis runs the rest of what it was sent, replies drained."""
+        link.client.sendall(last)
+        reader = hiredis.Reader()
+        reader.feed(forwarded + last)
+        complete = 0
+        while reader.gets() is not False:
+            complete += 1
+        with self._lock:
+            self.replies_before_cut.append(complete)
+        if self.on_cut is not None:
+            self.on_cut()
+        _shutdown(link.client, socket.SHUT_WR)
+        self._drain(link)
 
     def _drain(self, link: _Link) -> None:
         try:

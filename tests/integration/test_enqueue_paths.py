@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import itertools
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import hiredis
 import pytest
 import redis
 
 from qsync import Task, TaskInfo, TaskState
 from qsync._ops import ENQUEUE_CHUNK
 from qsync.errors import EnqueueUncertain, NotEnqueued, QsyncError
+from tests.integration.proxy import Proxy
 from tests.integration.test_client import Shell
 from tests.polling import wait_until
 from tests.redis_procs import RedisServer
@@ -195,130 +194,9 @@ def test_script_flush_or_client_kill_between_calls_applies_each_call_once(
 # --- 3. a connection that breaks after some replies were read ----------------------------------
 
 
-class ReplyCutter:
-    """A TCP proxy in front of a Redis. After ``arm(n1, n2, ...)``, the next connections that
-    send an EVALSHA get only the first n1, n2, ... bytes of Redis's replies from then on; then
-    ``on_cut`` runs (if set) and the connection is closed towards the client (which reads what
-    it was given, then the end). Redis still gets and runs everything the client sends (its
-    replies are drained). Counts the EVALSHAs forwarded on each connection (``links``, in
-    order), and the complete replies each cut connection got before the cut."""
-
-    MARKER = b"EVALSHA"
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._cuts: list[int] = []
-        self.on_cut: Callable[[], None] | None = None
-        self.links: list[dict[str, int | None]] = []
-        self.replies_before_cut: list[int] = []
-
-    def arm(self, *cut_at: int) -> None:
-        with self._lock:
-            self._cuts = list(cut_at)
-
-    def __enter__(self) -> ReplyCutter:
-        self._spawn(self._accept_loop)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stopping.set()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shutdown(sock)
-        for thread in self._threads:
-            thread.join(timeout=10)
-        self._listener.close()
-        for sock in sockets:
-            sock.close()
-
-    def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._sockets += [client, server]
-            link: dict[str, int | None] = {"cut_at": None, "evalsha": 0}
-            with self._lock:
-                self.links.append(link)
-            self._spawn(self._upstream, client, server, link)
-            self._spawn(self._downstream, client, server, link)
-
-    def _upstream(self, client: socket.socket, server: socket.socket, link: dict[str, int | None]) -> None:
-        tail = b""
-        try:
-            while data := client.recv(65536):
-                window = tail + data
-                found = window.count(self.MARKER)
-                tail = window[-(len(self.MARKER) - 1) :]
-                with self._lock:
-                    link["evalsha"] = (link["evalsha"] or 0) + found
-                    if found and link["cut_at"] is None and self._cuts:
-                        link["cut_at"] = self._cuts.pop(0)
-                server.sendall(data)
-        except OSError:
-            pass
-        _shutdown(server, socket.SHUT_WR)
-
-    def _downstream(self, client: socket.socket, server: socket.socket, link: dict[str, int | None]) -> None:
-        forwarded = b""
-        try:
-            while data := server.recv(65536):
-                cut_at = link["cut_at"]
-                if cut_at is not None and len(forwarded) + len(data) >= cut_at:
-                    client.sendall(data[: cut_at - len(forwarded)])
-                    self._cut(forwarded + data[: cut_at - len(forwarded)])
-                    _shutdown(client, socket.SHUT_WR)
-                    while server.recv(65536):  # Redis runs the rest: drain its replies
-                        pass
-                    return
-                if cut_at is not None:
-                    forwarded += data
-                client.sendall(data)
-        except OSError:
-            pass
-        _shutdown(client)
-
-    def _cut(self, delivered: bytes) -> None:
-        reader = hiredis.Reader()
-        reader.feed(delivered)
-        complete = 0
-        while reader.gets() is not False:
-            complete += 1
-        with self._lock:
-            self.replies_before_cut.append(complete)
-        if self.on_cut is not None:
-            self.on_cut()
-
-
-def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass
-
-
 @pytest.fixture
-def cutter(redis_server: RedisServer) -> Iterator[ReplyCutter]:
-    with ReplyCutter(redis_server.port) as proxy:
+def cutter(redis_server: RedisServer) -> Iterator[Proxy]:
+    with Proxy(redis_server.port) as proxy:
         yield proxy
 
 
@@ -343,28 +221,28 @@ def chunks(tasks: list[Task]) -> list[list[Task]]:
 # one or two whole replies (each is about 4 KiB: 250 x ":1\r\n$7\r\npending\r\n").
 @pytest.mark.parametrize("cut_at", [0, 1, 3000, 4400, 6000, 8800, 11000])
 def test_a_cut_after_some_replies_keeps_them_and_sends_only_the_rest_again(
-    shell: Shell, cutter: ReplyCutter, r: redis.Redis, cut_at: int
+    shell: Shell, cutter: Proxy, r: redis.Redis, cut_at: int
 ) -> None:
     queue = _warm(shell, cutter.port)
     tasks = mixed_batch(f"c{cut_at}", 3 * ENQUEUE_CHUNK)
     old_links = len(cutter.links)
-    cutter.arm(cut_at)
+    cutter.cut_replies(cut_at)
     results = queue.enqueue_many(tasks)
     [complete] = cutter.replies_before_cut
     # Each call whose reply was read is a result; the others (idempotent) went out once more,
     # on a new connection.
-    assert sum(link["evalsha"] or 0 for link in cutter.links[old_links:]) == 3 - complete
+    assert sum(link.evalsha for link in cutter.links[old_links:]) == 3 - complete
     assert check_batch(r, queue, tasks, results) == []
     check_one_copy_each(r, queue, {t.id for t in tasks} | WARM_IDS)
 
 
 @pytest.mark.parametrize("cuts", [(0, 0), (4400, 0), (4400, 4400), (8800, 1), (11000, 4400)])
 def test_a_cut_of_the_send_and_the_resend_leaves_uncertain_items_a_retry_settles_once(
-    shell: Shell, cutter: ReplyCutter, r: redis.Redis, cuts: tuple[int, int]
+    shell: Shell, cutter: Proxy, r: redis.Redis, cuts: tuple[int, int]
 ) -> None:
     queue = _warm(shell, cutter.port)
     tasks = mixed_batch(f"u{cuts[0]}-{cuts[1]}", 3 * ENQUEUE_CHUNK + 1)
-    cutter.arm(*cuts)
+    cutter.cut_replies(*cuts)
     results = queue.enqueue_many(tasks)
     uncertain = check_batch(r, queue, tasks, results)
     # The calls whose replies were read on either connection are results; the rest are not.
@@ -375,13 +253,13 @@ def test_a_cut_of_the_send_and_the_resend_leaves_uncertain_items_a_retry_settles
 
 
 def test_a_cut_in_a_batch_of_large_payloads_keeps_every_payload_whole(
-    shell: Shell, cutter: ReplyCutter, r: redis.Redis
+    shell: Shell, cutter: Proxy, r: redis.Redis
 ) -> None:
     queue = _warm(shell, cutter.port)
     tasks = [
         Task("big", bytes([i % 251]) * (64 * 1024 + i), task_id=f"big-{i}") for i in range(ENQUEUE_CHUNK + 3)
     ]
-    cutter.arm(4400)  # after the first reply
+    cutter.cut_replies(4400)  # after the first reply
     results = queue.enqueue_many(tasks)
     assert check_batch(r, queue, tasks, results) == []
     check_one_copy_each(r, queue, {t.id for t in tasks} | WARM_IDS)
@@ -455,11 +333,11 @@ def test_a_reply_lost_to_a_restart_then_loading_is_uncertain_not_refused(shell: 
             server.extra = ["--appendfsync", "always", "--key-load-delay", "50"]
             server.start()
 
-        with ReplyCutter(server.port) as cutter:
+        with Proxy(server.port) as cutter:
             queue = _warm(shell, cutter.port)
             task = Task("restart", b"x", task_id="restart-1", unique=60)
             cutter.on_cut = restart_loading
-            cutter.arm(0)
+            cutter.cut_replies(0)
             with pytest.raises(EnqueueUncertain) as caught:
                 queue.enqueue(task)
             assert "LOADING" in str(caught.value)
