@@ -2,10 +2,11 @@
 
 One asyncio process makes only the hops an idle qsync worker makes: a ``BRPOP`` on the queue's
 wake list with one ``EVALSHA`` of qsync's lease script sent right behind it on the same
-connection (no pool; Redis runs the lease as soon as the BRPOP returns), then one coroutine per
-leased task that reports its latency as ``bench_app``'s probe does and acks its task. No
-heartbeats, timeouts, weights, reservations or registry. ``run.py`` measures it with the same
-producer as the worker server, so the difference is what the server's machinery costs.
+connection (no pool; Redis runs the lease as soon as the BRPOP returns), read as the server's
+listeners read it (``qsync.server._link``), then one coroutine per leased task that reports its
+latency as ``bench_app``'s probe does and acks its task. No heartbeats, timeouts, weights,
+reservations or registry. ``run.py`` measures it with the same producer as the worker server,
+in turns with it, so the difference is what the server's machinery costs.
 
 Usage: ``python latency_floor.py REDIS_URL PREFIX``; prints ``ready`` once it listens and runs
 until terminated.
@@ -17,11 +18,12 @@ import asyncio
 import sys
 import time
 
-import hiredis
 import redis.asyncio as aioredis
 
 import qsync
 from qsync import _ops
+from qsync._protocol import Exchange
+from qsync.server._link import Link
 
 LEASE_BATCH = 100
 LEASE_MS = 60_000
@@ -36,7 +38,9 @@ async def main(url: str, prefix: str) -> None:
     assert script is not None
     await client.script_load(script.source)
     await queue.run_calls([])  # the server check, before listening
-    listen = await client.connection_pool.get_connection()  # kept, never released
+    listen = Link(await client.connection_pool.get_connection())  # kept, never released
+    await listen.connect()
+    assert listen.taken_over
     loop = asyncio.get_running_loop()
 
     async def probe(task: qsync.LeasedTask) -> None:
@@ -47,11 +51,8 @@ async def main(url: str, prefix: str) -> None:
     print("ready", flush=True)
     while True:
         call = _ops.lease(keys, LEASE_BATCH, LEASE_MS)
-        await listen.send_packed_command(
-            [hiredis.pack_command(("BRPOP", keys.wake, 5)), hiredis.pack_command(call.command())]
-        )
-        await listen.read_response()
-        batch = call.decode(await listen.read_response(disable_decoding=True))
+        replies = await listen.roundtrip(Exchange([("BRPOP", keys.wake, 5), call.command()], keys.wake))
+        batch = call.decode(replies[1])
         for task in batch.tasks:
             loop.create_task(probe(task))
 

@@ -202,7 +202,8 @@ async def _check_spare(conn: Any) -> None:
 async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     """Send an exchange's commands on ``conn`` and read one reply per command (an error reply
     as its exception object); any failure, cancellation included, drops the connection, since
-    a reply may be in flight. The server's wake-up listeners use it on their own connections."""
+    a reply may be in flight. The server's wake-up listeners use it on a connection whose
+    transport they cannot take over (qsync/server/_link.py)."""
     try:
         for piece in packed_pieces(exchange.commands):
             await conn.send_packed_command(piece, check_health=False)

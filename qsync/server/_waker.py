@@ -10,7 +10,8 @@ tokens stay in Redis until popped, so none is lost meanwhile.
 
 The idle pick-up is one round trip. On a single Redis a listener sends its queue's lease call
 right behind the ``BRPOP`` on the same connection; Redis runs it the moment the ``BRPOP``
-returns (woken or timed out), so the leased tasks arrive with the wake-up. The processor
+returns (woken or timed out), so the leased tasks arrive with the wake-up; the listener's
+connection parses both replies as their bytes arrive (``_link.Link``). The processor
 reserves the slots such a lease may fill when the listener arms (``arm``) and gets them back
 with its reply (``deliver``), so the server never runs more than its concurrency. When the
 processor gets busy or stops, the armed waits are ended at once (lua/unblock.lua puts a token on
@@ -33,10 +34,10 @@ import redis
 import redis.asyncio as aioredis
 
 from .. import _ops
-from .._atransport import roundtrip
 from .._ops import Call, LeaseBatch
 from .._protocol import REPLY_ERRORS, Exchange, absorb_replies, outcome_unknown
 from ..errors import QsyncError
+from ._link import Link
 
 if TYPE_CHECKING:
     from ..aio import AsyncQueue
@@ -81,7 +82,7 @@ class Waker:
         self._woken = False  # a wake-up arrived since the processor last looked
         self._waiter: asyncio.Future[None] | None = None
         self._listeners: dict[str, asyncio.Task[None]] = {}
-        self._connections: dict[str, Any] = {}  # queue -> the listener's own connection
+        self._links: dict[str, Link] = {}  # queue -> the listener's own connection
         self._waiting: set[str] = set()  # listeners in a BRPOP on their own connection
         self._armed: set[str] = set()  # those of them with a lease behind their BRPOP
         self._unblocking: set[str] = set()
@@ -225,12 +226,12 @@ class Waker:
             commands.append(lease.command())
         sent_at = time.monotonic()
         try:
-            conn = await self._connection(name)
+            link = await self._link(name)
         except BaseException:
             self._settle(name, lease, None, sent_at)  # nothing was sent
             raise
         try:
-            replies = await roundtrip(conn, Exchange(commands, keys.wake))
+            replies = await link.roundtrip(Exchange(commands, keys.wake))
         except BaseException as exc:
             lost = None if lease is None else outcome_unknown(lease, f"connection to Redis lost: {exc}")
             self._settle(name, lease, lost, sent_at)
@@ -264,17 +265,17 @@ class Waker:
             return None
         return results[0]  # type: ignore[no-any-return]
 
-    async def _connection(self, name: str) -> Any:
-        """This listener's own connection: taken from the listener client's pool once and
-        never given back, so closing the client closes it. A connection error leaves it
-        disconnected; the next send reconnects."""
-        conn = self._connections.get(name)
-        if conn is None:
+    async def _link(self, name: str) -> Link:
+        """This listener's own connection, connected: taken from the listener client's pool
+        once and never given back, so closing the client closes it. A connection error leaves
+        it disconnected; the next wait reconnects."""
+        link = self._links.get(name)
+        if link is None:
             assert isinstance(self._client, aioredis.Redis)
             pool = self._client.connection_pool
-            conn = self._connections[name] = await pool.get_connection()  # type: ignore[no-untyped-call]
-        await conn.connect()
-        return conn
+            link = self._links[name] = Link(await pool.get_connection())  # type: ignore[no-untyped-call]
+        await link.connect()
+        return link
 
     async def _wait_cluster(self, name: str) -> bool:
         wake = self._keys[name].wake
