@@ -26,6 +26,9 @@ from .._protocol import Exchange, packed_pieces
 
 __all__ = ["Link"]
 
+_NOT_ENOUGH = object()
+_PUSH: type | None = getattr(hiredis, "PushNotification", None)  # hiredis >= 3.2
+
 
 class _Replies(asyncio.Protocol):
     """Parses a taken-over transport's bytes into replies (an error reply as redis-py's
@@ -34,7 +37,11 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self, replaced: asyncio.BaseProtocol) -> None:
         self._replaced = replaced
-        self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        # A sentinel for "no whole reply yet": gets() returns False by default, which is also
+        # a reply (RESP3's boolean false), as redis-py's own parser knows.
+        self._reader = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=_NOT_ENOUGH
+        )
         self._replies: list[Any] = []
         self._wanted = 0
         self._waiter: asyncio.Future[list[Any]] | None = None
@@ -52,16 +59,19 @@ class _Replies(asyncio.Protocol):
         replies = self._replies
         try:
             self._reader.feed(data)
-            while (reply := self._reader.gets()) is not False:
-                replies.append(reply)
+            while (reply := self._reader.gets()) is not _NOT_ENOUGH:
+                # A RESP3 push frame (an invalidation, a maintenance notice) is nobody's reply:
+                # redis-py passes it by too. Counted, it would stand in for the next reply.
+                if _PUSH is None or not isinstance(reply, _PUSH):
+                    replies.append(reply)
         except Exception as exc:  # a protocol error: this connection's stream is lost
             self._break(redis.ConnectionError(f"unreadable reply from Redis: {exc}"))
             return
         waiter = self._waiter
-        if waiter is None or len(replies) > self._wanted:
+        if len(replies) > self._wanted or (waiter is None and replies):
             self._break(redis.ConnectionError("Redis sent a reply nobody asked for"))
-        elif len(replies) == self._wanted:
-            self._waiter = None
+        elif waiter is not None and len(replies) == self._wanted:
+            self._waiter, self._replies = None, []
             if not waiter.done():
                 waiter.set_result(replies)
 
