@@ -26,7 +26,7 @@ from qsync import Context, LeasedTask, Task
 from qsync._atransport import roundtrip
 from qsync._protocol import Exchange
 from qsync.server._link import _Replies
-from tests.integration.test_link import TlsRedis, blocked, connections, open_link
+from tests.integration.test_link import PASSWORD, USER, TlsRedis, blocked, connections, open_link
 from tests.polling import wait_until
 from tests.redis_procs import RedisServer
 
@@ -320,6 +320,8 @@ async def test_kills_and_cancellations_leak_no_descriptor_and_read_no_stale_repl
             ]
         gc.collect()
         assert _fds() <= before + 1
+        # The protocols of the dropped connections went with them (one per live connection).
+        assert sum(1 for o in gc.get_objects() if isinstance(o, _Replies)) <= 2
         assert len(connections(admin, name)) == 1
     finally:
         await client.aclose()
@@ -359,3 +361,176 @@ async def test_a_reply_after_a_finished_exchange_breaks_the_connection_and_leave
     protocol.data_received(b"+STRAY\r\n")
     assert waiter.result() == [b"A", b"B"]
     assert isinstance(protocol.broken, redis.ConnectionError)
+
+
+# --- a worker over TLS: many queues, a Redis restart while armed, the stop ----------------------
+
+
+def test_a_tls_worker_with_many_queues_survives_a_redis_restart_and_closes_every_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = TlsRedis(tmp_path)
+    names = [f"q{i}" for i in range(24)]
+    ran: list[str] = []
+    done = threading.Semaphore(0)
+
+    def handler(ctx: Context, task: LeasedTask) -> None:
+        ran.append(task.queue)
+        done.release()
+
+    def listeners() -> list[dict[str, Any]]:
+        with server.server.client() as admin:
+            return [c for c in admin.client_list() if c.get("cmd") == "brpop" and c.get("user") == USER]
+
+    def user_connections() -> list[dict[str, Any]]:
+        with server.server.client() as admin:
+            return [c for c in admin.client_list() if c.get("user") == USER]
+
+    client = redis.Redis.from_url(server.url("tls"), ssl_ca_certs=str(server.cert))
+    queue = qsync.new(client, prefix=_name())
+    try:
+        queue.start(
+            handler, queues=dict.fromkeys(names, 1), concurrency=3, poll_interval=30, lease_duration=60
+        )
+        wait_until(lambda: len(listeners()) == len(names), "every queue's listener to wait")
+        thread = queue._thread
+        assert thread is not None and thread.server is not None
+        assert all(link.taken_over for link in thread.server.waker._links.values())
+        server.server.kill()  # kill -9 while every listener blocks (some with a lease behind)
+        server.server.start()
+        with server.server.client() as admin:  # ACL users are not in the AOF
+            admin.execute_command("ACL", "SETUSER", USER, "on", ">" + PASSWORD, "~*", "&*", "+@all")
+        wait_until(lambda: len(listeners()) == len(names), "every listener to wait again", timeout=40)
+        for name in ("q0", "q11", "q23"):
+            queue.enqueue(Task("t"), queue=name)
+            assert done.acquire(timeout=20), f"the task on {name} did not run"
+        assert sorted(ran) == ["q0", "q11", "q23"]
+        wait_until(lambda: len(listeners()) == len(names), "idle again")
+    finally:
+        queue.stop(30)
+        client.close()
+        try:
+            assert queue._thread is None, "the server did not stop"
+            wait_until(lambda: not user_connections(), "every connection of the worker to close")
+        finally:
+            server.server.cleanup()
+    bad = [
+        r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
+    ]
+    assert bad == []
+
+
+def test_tls_links_closed_by_redis_while_the_worker_is_busy_rearm_and_the_armed_stop_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis's idle timeout closes the listeners' connections (a TLS close, not a kill) while a
+    # full server does not listen; once idle again the listeners reconnect, take the new
+    # connections over and pick tasks up; a stop while armed returns and closes them all.
+    server = TlsRedis(tmp_path)
+    release = threading.Event()
+    ran = threading.Semaphore(0)
+
+    def handler(ctx: Context, task: LeasedTask) -> None:
+        ran.release()
+        if task.type == "hold":
+            release.wait(30)
+
+    def mine(cmd: str | None = None) -> list[dict[str, Any]]:
+        with server.server.client() as admin:
+            return [
+                c
+                for c in admin.client_list()
+                if c.get("user") == USER and (cmd is None or c.get("cmd") == cmd)
+            ]
+
+    def armed() -> int:
+        return sum(1 for c in mine("brpop") if int(c.get("qbuf", 0)) > 0)
+
+    client = redis.Redis.from_url(server.url("tls"), ssl_ca_certs=str(server.cert))
+    queue = qsync.new(client, prefix=_name())
+    try:
+        queue.start(handler, queues={"a": 1, "b": 1}, concurrency=1, poll_interval=30, lease_duration=60)
+        wait_until(lambda: len(mine("brpop")) == 2, "both listeners to wait")
+        before = {c["id"] for c in mine("brpop")}
+        queue.enqueue(Task("hold"), queue="a")
+        assert ran.acquire(timeout=20)
+        # A full server's listeners do not all wait: the idle ones' connections time out.
+        with server.server.client() as admin:
+            admin.config_set("timeout", 1)
+        wait_until(lambda: len({c["id"] for c in mine()} & before) < 2, "Redis to close an idle listener")
+        with server.server.client() as admin:
+            admin.config_set("timeout", 0)
+        release.set()
+        wait_until(lambda: len(mine("brpop")) == 2 and armed() >= 1, "both listeners to wait again")
+        queue.enqueue(Task("t"), queue="b")
+        assert ran.acquire(timeout=20), "the task was not picked up"
+        wait_until(lambda: armed() >= 1, "armed again")
+    finally:
+        release.set()
+        queue.stop(10)
+        client.close()
+        try:
+            assert queue._thread is None, "the server did not stop"
+            wait_until(lambda: not mine(), "every connection of the worker to close")
+        finally:
+            server.server.cleanup()
+    bad = [
+        r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("options", [{}, {"protocol": 3, "decode_responses": True}])
+async def test_an_async_tls_worker_cancelled_while_armed_leaves_nothing_behind(
+    tls_redis: TlsRedis, admin: redis.Redis, caplog: pytest.LogCaptureFixture, options: dict[str, Any]
+) -> None:
+    # await queue.run() on the test's own loop over TLS: a pick-up while idle, then the run is
+    # cancelled while the listeners are armed (the other way to stop it). Every connection of
+    # the user closes, and nothing pending or unclosed is left for the loop's end.
+    client = tls_redis.client("tls", **options)
+    queue = qsync.new(client, prefix=_name())
+    ran = asyncio.Event()
+
+    async def handler(ctx: Context, task: LeasedTask) -> None:
+        ran.set()
+
+    async def waiting(count: int) -> None:
+        # (Armed or not: an idle async server does not always arm both; not the link's doing.)
+        deadline = asyncio.get_running_loop().time() + 20
+        while (
+            sum(1 for c in admin.client_list() if c.get("cmd") == "brpop" and c.get("user") == USER) < count
+        ):
+            if run.done():
+                raise AssertionError(f"run ended: {run.exception()!r}")
+            assert asyncio.get_running_loop().time() < deadline, "the listeners never waited"
+            await asyncio.sleep(0.01)
+
+    def mine() -> list[dict[str, Any]]:
+        return [c for c in admin.client_list() if c.get("user") == USER]
+
+    run = asyncio.create_task(queue.run(handler, queues={"a": 1, "b": 1}, concurrency=4, poll_interval=30))
+    try:
+        await waiting(2)
+        await queue.enqueue(Task("t"), queue="b")
+        await asyncio.wait_for(ran.wait(), 20)
+        await waiting(2)
+        run.cancel()
+        await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 20)
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 20)
+        await client.aclose()
+    deadline = asyncio.get_running_loop().time() + 20
+    while mine():
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"still open: {[(c['id'], c['cmd'], c['age'], c['idle']) for c in mine()]}"
+        )
+        await asyncio.sleep(0.01)
+    gc.collect()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert others == []
+    bad = [
+        r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
+    ]
+    assert bad == []
