@@ -114,7 +114,12 @@ class Link:
     async def connect(self) -> None:
         """Connect (again, after a failure) and take the transport over. Raises what redis-py
         raises when Redis cannot be reached; nothing is sent then."""
-        if self._replies is not None and self._replies.broken is not None:
+        replies = self._replies
+        if replies is not None and (
+            replies.broken is not None or _transport(self._conn) is not self._transport
+        ):
+            # Broken, or closed by redis-py itself without waiting (its end may not have
+            # reached this link yet): either way the transport taken over is done with.
             await self._drop()
         await self._conn.connect()
         if self._replies is None:
@@ -145,8 +150,7 @@ class Link:
         return result
 
     def _take_over(self) -> None:
-        writer = getattr(self._conn, "_writer", None)
-        transport = getattr(writer, "transport", None)
+        transport = _transport(self._conn)
         if not isinstance(transport, asyncio.Transport):
             return
         replies = _Replies(transport.get_protocol())
@@ -156,3 +160,8 @@ class Link:
     async def _drop(self) -> None:
         self._replies = self._transport = None
         await self._conn.disconnect()
+
+
+def _transport(conn: Any) -> Any:
+    """The transport under redis-py's stream writer of ``conn`` (None when not connected)."""
+    return getattr(getattr(conn, "_writer", None), "transport", None)

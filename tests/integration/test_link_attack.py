@@ -534,3 +534,23 @@ async def test_an_async_tls_worker_cancelled_while_armed_leaves_nothing_behind(
         r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
     ]
     assert bad == []
+
+
+async def test_a_connection_closed_behind_the_links_back_is_taken_over_again(
+    tls_redis: TlsRedis, kind: str, admin: redis.Redis
+) -> None:
+    # redis-py closes a connection without waiting in places (its _close(): a disconnect
+    # outside a task, a failed release): the next connect() makes a new transport at once,
+    # before the old one's end reached the link. The link must read the new one, not wait on
+    # the old (whose writes go nowhere).
+    name = _name()
+    client = tls_redis.client(kind, client_name=name)
+    try:
+        link = await open_link(client)
+        link._conn._close()  # type: ignore[attr-defined]
+        await link.connect()
+        assert link.taken_over
+        assert await asyncio.wait_for(link.roundtrip(Exchange([("ECHO", "new")], name)), 10) == [b"new"]
+        assert len(connections(admin, name)) == 1
+    finally:
+        await client.aclose()
