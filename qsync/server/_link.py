@@ -27,7 +27,6 @@ from .._protocol import Exchange, packed_pieces
 __all__ = ["Link"]
 
 _NOT_ENOUGH = object()
-_PUSH: type | None = getattr(hiredis, "PushNotification", None)  # hiredis >= 3.2
 
 
 class _Replies(asyncio.Protocol):
@@ -62,7 +61,7 @@ class _Replies(asyncio.Protocol):
             while (reply := self._reader.gets()) is not _NOT_ENOUGH:
                 # A RESP3 push frame (an invalidation, a maintenance notice) is nobody's reply:
                 # redis-py passes it by too. Counted, it would stand in for the next reply.
-                if _PUSH is None or not isinstance(reply, _PUSH):
+                if not isinstance(reply, hiredis.PushNotification):
                     replies.append(reply)
         except Exception as exc:  # a protocol error: this connection's stream is lost
             self._break(redis.ConnectionError(f"unreadable reply from Redis: {exc}"))

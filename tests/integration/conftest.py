@@ -1,5 +1,6 @@
 """Fixtures shared by integration modules: the worker server (test_server, test_waker,
-test_waker_faults) and the client shells of either flavour (test_client, test_enqueue_paths)."""
+test_waker_faults), the client shells of either flavour (test_client, test_enqueue_paths) and
+a Redis with a TLS port and an ACL user (test_link, test_link_attack)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from tests.integration.test_client import Shell
+from tests.integration.test_link import TlsRedis
 from tests.integration.test_server import Worker
 from tests.redis_procs import RedisServer
 
@@ -29,3 +32,25 @@ def shell(make_queue: Any) -> Iterator[Shell]:
     made = Shell(make_queue.flavour)
     yield made
     made.close()
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    server = TlsRedis(tmp_path_factory.mktemp("tls"))
+    try:
+        yield server
+    finally:
+        server.server.cleanup()
+
+
+@pytest.fixture
+def admin(tls_redis: TlsRedis) -> Iterator[redis.Redis]:
+    """A plain client of ``tls_redis`` (default user, plain port), to inspect and poke it."""
+    with tls_redis.server.client() as client:
+        yield client
+
+
+@pytest.fixture(params=["plain", "tls"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """How a test reaches ``tls_redis``: ``plain`` (TCP, default user) or ``tls`` (TLS, ACL user)."""
+    return str(request.param)

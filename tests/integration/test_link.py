@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,26 +65,6 @@ class TlsRedis:
     def client(self, kind: str, **kwargs: Any) -> aioredis.Redis:
         tls: dict[str, Any] = {"ssl_ca_certs": str(self.cert)} if kind == "tls" else {}
         return aioredis.Redis.from_url(self.url(kind), **tls, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    server = TlsRedis(tmp_path_factory.mktemp("tls"))
-    try:
-        yield server
-    finally:
-        server.server.cleanup()
-
-
-@pytest.fixture
-def admin(tls_redis: TlsRedis) -> Iterator[redis.Redis]:
-    with tls_redis.server.client() as client:
-        yield client
-
-
-@pytest.fixture(params=["plain", "tls"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

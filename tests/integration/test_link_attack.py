@@ -13,7 +13,7 @@ import gc
 import itertools
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +33,6 @@ from tests.redis_procs import RedisServer
 pytestmark = pytest.mark.redis
 
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    server = TlsRedis(tmp_path_factory.mktemp("tls"))
-    try:
-        yield server
-    finally:
-        server.server.cleanup()
-
-
-@pytest.fixture
-def admin(tls_redis: TlsRedis) -> Iterator[redis.Redis]:
-    with tls_redis.server.client() as client:
-        yield client
-
-
-@pytest.fixture(params=["plain", "tls"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def _name() -> str:
@@ -407,17 +387,34 @@ def test_a_tls_worker_with_many_queues_survives_a_redis_restart_and_closes_every
         assert sorted(ran) == ["q0", "q11", "q23"]
         wait_until(lambda: len(listeners()) == len(names), "idle again")
     finally:
-        queue.stop(30)
-        client.close()
-        try:
-            assert queue._thread is None, "the server did not stop"
-            wait_until(lambda: not user_connections(), "every connection of the worker to close")
-        finally:
-            server.server.cleanup()
+        _stop_cleanly(queue, client, server, user_connections, caplog)
+
+
+def assert_nothing_left_behind(caplog: pytest.LogCaptureFixture) -> None:
+    """No task destroyed while pending and nothing unclosed was logged."""
     bad = [
         r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
     ]
     assert bad == []
+
+
+def _stop_cleanly(
+    queue: qsync.Queue,
+    client: redis.Redis,
+    server: TlsRedis,
+    connections_left: Callable[[], list[dict[str, Any]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stop the worker, then check that it stopped, that every connection of its user closed and
+    that nothing pending or unclosed was logged; ``server`` is cleaned up either way."""
+    queue.stop(30)
+    client.close()
+    try:
+        assert queue._thread is None, "the server did not stop"
+        wait_until(lambda: not connections_left(), "every connection of the worker to close")
+    finally:
+        server.server.cleanup()
+    assert_nothing_left_behind(caplog)
 
 
 def test_tls_links_closed_by_redis_while_the_worker_is_busy_rearm_and_the_armed_stop_returns(
@@ -467,17 +464,7 @@ def test_tls_links_closed_by_redis_while_the_worker_is_busy_rearm_and_the_armed_
         wait_until(lambda: armed() >= 1, "armed again")
     finally:
         release.set()
-        queue.stop(10)
-        client.close()
-        try:
-            assert queue._thread is None, "the server did not stop"
-            wait_until(lambda: not mine(), "every connection of the worker to close")
-        finally:
-            server.server.cleanup()
-    bad = [
-        r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
-    ]
-    assert bad == []
+        _stop_cleanly(queue, client, server, mine, caplog)
 
 
 @pytest.mark.parametrize("options", [{}, {"protocol": 3, "decode_responses": True}])
@@ -530,10 +517,7 @@ async def test_an_async_tls_worker_cancelled_while_armed_leaves_nothing_behind(
     gc.collect()
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert others == []
-    bad = [
-        r.getMessage() for r in caplog.records if "destroyed" in r.getMessage() or "nclosed" in r.getMessage()
-    ]
-    assert bad == []
+    assert_nothing_left_behind(caplog)
 
 
 async def test_a_connection_closed_behind_the_links_back_is_taken_over_again(
