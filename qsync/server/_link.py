@@ -22,7 +22,7 @@ from redis._parsers import BaseParser
 from redis.exceptions import InvalidResponse
 
 from .._atransport import roundtrip
-from .._protocol import Exchange, packed_pieces
+from .._protocol import REPLY_ERRORS, Exchange, packed_pieces
 
 __all__ = ["Link"]
 
@@ -59,6 +59,11 @@ class _Replies(asyncio.Protocol):
         try:
             self._reader.feed(data)
             while (reply := self._reader.gets()) is not _NOT_ENOUGH:
+                if isinstance(reply, Exception) and not isinstance(reply, REPLY_ERRORS):
+                    # An error redis-py raises as a failure of the connection (max clients,
+                    # say), not one it hands over as a reply (qsync._atransport.roundtrip).
+                    self._break(reply)
+                    return
                 # A RESP3 push frame (an invalidation, a maintenance notice) is nobody's reply:
                 # redis-py passes it by too. Counted, it would stand in for the next reply.
                 if not isinstance(reply, hiredis.PushNotification):

@@ -349,3 +349,13 @@ async def test_the_end_of_the_connection_fails_the_wait_and_reaches_the_replaced
     with pytest.raises(redis.ConnectionError):
         waiter.result()
     assert replaced.lost == [error]
+
+
+async def test_an_error_redis_py_raises_as_a_connection_failure_fails_the_wait() -> None:
+    # redis-py raises "max number of clients" (a ConnectionError) instead of returning it as a
+    # reply: the link fails the exchange with it, so the waker handles it as a lost connection.
+    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
+    waiter = protocol.expect(2)
+    protocol.data_received(b"+OK\r\n-ERR max number of clients reached\r\n")
+    with pytest.raises(redis.ConnectionError, match="max number of clients"):
+        waiter.result()
