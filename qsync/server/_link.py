@@ -84,7 +84,7 @@ class _Replies(asyncio.Protocol):
         return None  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._break(redis.ConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+        self._break(redis.ConnectionError(f"the connection closed: {exc}" if exc else "closed"))
         self._replaced.connection_lost(exc)
 
     def pause_writing(self) -> None:
