@@ -33,6 +33,12 @@ __all__ = ["Server"]
 
 log = logging.getLogger("qsync.server")
 
+# Once the jobs are settled, the upkeep still under way at a stop (a registry write, the entry's
+# removal, a sweep) gets this long: against an unresponsive Redis each call would wait out its
+# socket timeout and retries (a minute in all). An entry left behind expires with its TTL, and a
+# sweep is only housekeeping that the next server repeats.
+UPKEEP_STOP_S = 2.0
+
 
 def as_mux(handler: Mux | Handler) -> Mux:
     """A Mux for ``handler``: a Mux as is, or one routing every task type to one callable."""
@@ -138,6 +144,9 @@ class Server:
             await self._hand_back(self.processor.handback)
         await self._finish_running()
         self._background_stop.set()
+        _, late = await asyncio.wait(background, timeout=UPKEEP_STOP_S)
+        for task in late:
+            task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self._release()
         log.info("qsync server %s stopped: %s", self.registry.server_id, self.stats)

@@ -9,7 +9,9 @@ that a wait was ended or woken, not that it was fast."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -175,6 +177,27 @@ def test_stop_returns_promptly_when_redis_is_at_maxmemory(own_redis: RedisServer
         assert _listeners(w.client) == []
     finally:
         w.client.config_set("maxmemory", 0)
+        w.close()
+
+
+def test_stop_returns_promptly_when_redis_is_frozen(own_redis: RedisServer) -> None:
+    # Redis frozen (SIGSTOP: connections open, nothing answered). Each call of the stop waits
+    # out its socket timeout, and the registry entry's removal also retried its connection for
+    # a minute: the stop took 69 s. The upkeep after the jobs are settled is bounded now
+    # (server.UPKEEP_STOP_S); the entry left behind expires with its TTL.
+    w = Worker("sync", own_redis)
+    frozen = False
+    try:
+        w.start(lambda ctx, task: None)
+        wait_until(lambda: _listeners(w.client), "the listener to wait")
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        frozen = True
+        w.stop(timeout=20)
+    finally:
+        if frozen:
+            assert own_redis.proc is not None
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
         w.close()
 
 
