@@ -323,19 +323,27 @@ async def test_a_reply_nobody_asked_for_breaks_the_connection() -> None:
         protocol.expect(1)
 
 
-async def test_more_replies_than_asked_for_fail_the_wait() -> None:
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
-    waiter = protocol.expect(1)
-    protocol.data_received(b"+OK\r\n+EXTRA\r\n")
-    with pytest.raises(redis.ConnectionError):
-        waiter.result()
+# Bytes that end the exchange with a ConnectionError: the count of replies asked for, what
+# Redis sends, and what the error says (None: any message).
+BREAKING_STREAMS = {
+    "more replies than asked for": (1, b"+OK\r\n+EXTRA\r\n", None),
+    "bytes that are not RESP": (1, b"?garbage\r\n", "unreadable reply"),
+    # redis-py raises "max number of clients" (a ConnectionError) instead of returning it as a
+    # reply: the link fails the exchange with it, so the waker handles it as a lost connection.
+    "an error redis-py raises as a connection failure": (
+        2,
+        b"+OK\r\n-ERR max number of clients reached\r\n",
+        "max number of clients",
+    ),
+}
 
 
-async def test_bytes_that_are_not_resp_fail_the_wait() -> None:
+@pytest.mark.parametrize("wanted, data, match", BREAKING_STREAMS.values(), ids=BREAKING_STREAMS.keys())
+async def test_bytes_that_break_the_stream_fail_the_wait(wanted: int, data: bytes, match: str | None) -> None:
     protocol = _Replies(_Recorder())  # type: ignore[arg-type]
-    waiter = protocol.expect(1)
-    protocol.data_received(b"?garbage\r\n")
-    with pytest.raises(redis.ConnectionError, match="unreadable reply"):
+    waiter = protocol.expect(wanted)
+    protocol.data_received(data)
+    with pytest.raises(redis.ConnectionError, match=match):
         waiter.result()
 
 
@@ -349,13 +357,3 @@ async def test_the_end_of_the_connection_fails_the_wait_and_reaches_the_replaced
     with pytest.raises(redis.ConnectionError):
         waiter.result()
     assert replaced.lost == [error]
-
-
-async def test_an_error_redis_py_raises_as_a_connection_failure_fails_the_wait() -> None:
-    # redis-py raises "max number of clients" (a ConnectionError) instead of returning it as a
-    # reply: the link fails the exchange with it, so the waker handles it as a lost connection.
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
-    waiter = protocol.expect(2)
-    protocol.data_received(b"+OK\r\n-ERR max number of clients reached\r\n")
-    with pytest.raises(redis.ConnectionError, match="max number of clients"):
-        waiter.result()

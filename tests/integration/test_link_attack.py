@@ -26,7 +26,15 @@ from qsync import Context, LeasedTask, Task
 from qsync._atransport import roundtrip
 from qsync._protocol import Exchange
 from qsync.server._link import _Replies
-from tests.integration.test_link import PASSWORD, USER, TlsRedis, blocked, connections, open_link
+from tests.integration.test_link import (
+    PASSWORD,
+    USER,
+    TlsRedis,
+    _Recorder,
+    blocked,
+    connections,
+    open_link,
+)
 from tests.polling import wait_until
 from tests.redis_procs import RedisServer
 
@@ -173,7 +181,7 @@ async def test_a_unix_socket_connection_is_taken_over_and_survives_a_kill(unix_r
             await asyncio.wait_for(wait, 20)
         await link.connect()
         assert link.taken_over
-        admin.select(3)  # type: ignore[no-untyped-call]
+        admin.select(3)
         admin.rpush(f"{name}:wake", b"w")
         assert await link.roundtrip(Exchange([("BRPOP", f"{name}:wake", 5)], name)) == [
             [f"{name}:wake".encode(), b"w"]
@@ -309,11 +317,6 @@ async def test_kills_and_cancellations_leak_no_descriptor_and_read_no_stale_repl
 
 
 # --- the protocol alone ----------------------------------------------------------------------------
-
-
-class _Recorder:
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
 
 
 PUSH = b">3\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n$1\r\nx\r\n"
@@ -531,7 +534,7 @@ async def test_a_connection_closed_behind_the_links_back_is_taken_over_again(
     client = tls_redis.client(kind, client_name=name)
     try:
         link = await open_link(client)
-        link._conn._close()  # type: ignore[attr-defined]
+        link._conn._close()
         await link.connect()
         assert link.taken_over
         assert await asyncio.wait_for(link.roundtrip(Exchange([("ECHO", "new")], name)), 10) == [b"new"]
