@@ -39,16 +39,25 @@ end
 -- Read first: which leases are held (holds_lease, batched: one read of each hash gives its token
 -- and what finishing needs; active is checked for the whole batch at once).
 local scores = active_scores(active_key, ids)
-local reply, held, task_keys, retentions, locks = {}, {}, {}, {}, {}
+local reply, held, task_keys, retentions, locks, n_held = {}, {}, {}, {}, {}, 0
 for i = 1, #ids do
   local id = ids[i]
   local task_key = task_prefix .. id
-  -- pcall: a task key of another type reads as an error table: not held.
-  local f = scores[i] and not held[id] and redis.pcall("HMGET", task_key, "token", "retention", "unique")
+  -- pcall: a task key of another type reads as an error table: not held. Retention and the
+  -- unique lock are read only when "o" says the task has one (or predates "o"): naming a
+  -- field the hash lacks costs a scan of the whole hash.
+  local f = scores[i] and not held[id] and redis.pcall("HMGET", task_key, "token", "o")
   if f and not f.err and f[1] == ARGV[2 * i] then
     held[id] = true  -- the same lease twice in one batch finishes once; the second is lost
-    task_keys[#task_keys + 1], locks[#locks + 1] = task_key, f[3]
-    retentions[#retentions + 1] = f[2] and tonumber(f[2]) or 0
+    local retention, lock = 0, nil
+    if f[2] ~= "0" and f[2] ~= "1" then
+      local o = rcall("HMGET", task_key, "retention", "unique")
+      retention, lock = o[1] and tonumber(o[1]) or 0, o[2]
+    end
+    -- Indexed by the count of held tasks: lock is nil for a task without one, and
+    -- "t[#t + 1] = nil" would append nothing and shift the locks of the tasks after it.
+    n_held = n_held + 1
+    task_keys[n_held], locks[n_held], retentions[n_held] = task_key, lock, retention
     reply[i] = 0  -- filled in below
   else
     reply[i] = -3

@@ -253,13 +253,17 @@ class LeaseBatch:
     orphans: int
 
 
-_LEASE_STRIDE = 9
+_LEASE_STRIDE = 8
 
 
 def lease(keys: QueueKeys, count: int, lease_ms: int) -> Call[LeaseBatch]:
     """Lease up to ``count`` ready tasks for ``lease_ms``. Never re-sent: a lost reply leaves
-    the leases to expire and be recovered, never to be handed out twice."""
-    nonce = os.urandom(6).hex()
+    the leases to expire and be recovered, never to be handed out twice.
+
+    The tasks of one call share its random token: a lease is the pair of task id and token,
+    and a call leases an id at most once, so the pair is new for every lease (lua/lease.lua).
+    """
+    token = os.urandom(6).hex()
     call_keys = (keys.pending, keys.active, keys.archived, keys.paused, keys.task_prefix, keys.wake)
     queue = keys.queue
 
@@ -269,12 +273,12 @@ def lease(keys: QueueKeys, count: int, lease_ms: int) -> Call[LeaseBatch]:
         for i in range(5, len(reply), _LEASE_STRIDE):
             r = reply[i : i + _LEASE_STRIDE]
             tasks.append(
-                LeasedTask(r[0].decode(), r[1].decode(), queue, r[2].decode("utf-8", "replace"), r[3],
-                           r[4], r[5], r[6], r[7], r[8])
+                LeasedTask(r[0].decode(), token, queue, r[1].decode("utf-8", "replace"), r[2], r[3],
+                           r[4], r[5], r[6], r[7])
             )  # fmt: skip
         return LeaseBatch(reply[0], reply[1], tasks, reply[2], reply[3], reply[4])
 
-    args = (count, lease_ms, nonce, TASK_FORMAT_VERSION)
+    args = (count, lease_ms, token, TASK_FORMAT_VERSION)
     return _script_call("lease", keys, call_keys, args, decode, idempotent=False)
 
 

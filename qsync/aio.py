@@ -116,9 +116,9 @@ class AsyncQueue(QueueBase, AsyncServing):
         await self._one(_ops.pause(self.keys(queue), False))
 
     async def lease(self, queue: str, *, count: int = 1, lease_duration: Seconds = 30.0) -> LeaseBatch:
-        """Lease up to ``count`` ready tasks (worker API). Each comes with a fresh token that
-        ack, fail, extend and requeue must present; the lease expires after lease_duration
-        unless extended, and is then recovered by :meth:`recover`."""
+        """Lease up to ``count`` ready tasks (worker API). The call's tasks share its fresh token,
+        which ack, fail, extend and requeue must present with the task id; a lease expires after
+        lease_duration unless extended, and is then recovered by :meth:`recover`."""
         return await self._one(self._lease_call(queue, count, lease_duration))
 
     async def extend(

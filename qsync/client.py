@@ -116,9 +116,9 @@ class Queue(QueueBase, SyncServing):
         self._one(_ops.pause(self.keys(queue), False))
 
     def lease(self, queue: str, *, count: int = 1, lease_duration: Seconds = 30.0) -> LeaseBatch:
-        """Lease up to ``count`` ready tasks (worker API). Each comes with a fresh token that
-        ack, fail, extend and requeue must present; the lease expires after lease_duration
-        unless extended, and is then recovered by :meth:`recover`."""
+        """Lease up to ``count`` ready tasks (worker API). The call's tasks share its fresh token,
+        which ack, fail, extend and requeue must present with the task id; a lease expires after
+        lease_duration unless extended, and is then recovered by :meth:`recover`."""
         return self._one(self._lease_call(queue, count, lease_duration))
 
     def extend(self, queue: str, leases: Sequence[HasLease], *, lease_duration: Seconds = 30.0) -> list[bool]:

@@ -49,6 +49,9 @@ def expected_fields(queue: Any, task: Task) -> dict[bytes, bytes]:
         fields[b"retry_delay"] = b"%d" % o.retry_delay_ms
     if o.unique_key is not None:
         fields[b"unique"] = queue.keys("default").unique(o.unique_key).encode()
+    lease_side = bool(o.timeout_ms or o.deadline_ms or o.retry_delay_ms != -1)
+    finish_side = bool(o.retention_ms or o.unique_key is not None)
+    fields[b"o"] = b"%d" % (lease_side + 2 * finish_side)
     return fields
 
 

@@ -379,7 +379,9 @@ class QueueMachine(RuleBasedStateMachine):
         popped = [] if self.paused else self.pending[::-1][:count]
         leased = [t.id for t in batch.tasks]
         assert leased == [i for i in popped if i in leased], f"leased {leased}, popped {popped}"
-        assert len({t.token for t in batch.tasks}) == len(batch.tasks)
+        # One token per call, one lease per id: each (id, token) pair is a lease of its own.
+        assert len({t.id for t in batch.tasks}) == len(batch.tasks)
+        assert len({t.token for t in batch.tasks}) <= 1
         assert (batch.corrupt_archived, batch.orphans) == (0, 0)
         assert batch.deadline_archived == len(popped) - len(leased)
         for task_id in popped:

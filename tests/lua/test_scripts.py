@@ -305,7 +305,10 @@ def test_enqueue_many_gives_each_task_its_own_type_and_options(benv: Env) -> Non
     assert late is not None and before + 60_000 <= late <= after + 60_000
     assert benv.score("scheduled", "at-1") == due
 
-    common = {"v", "t", "p", "f", "s", "m", "r", "c"}
+    common = {"v", "t", "p", "f", "s", "m", "r", "c", "o"}
+    # "o": which optional fields lease (1) and ack (2) must read.
+    flags = {"plain-1": b"0", "plain-2": b"0", "late-1": b"0", "at-1": b"0", "mail-1": b"3",
+             "mail-2": b"3", "uniq-1": b"3", "uniq-2": b"3"}  # fmt: skip
     expected_extra = {
         "plain-1": {}, "plain-2": {}, "late-1": {}, "at-1": {},
         "mail-1": {"timeout": b"30000", "retention": b"60000"},
@@ -319,6 +322,7 @@ def test_enqueue_many_gives_each_task_its_own_type_and_options(benv: Env) -> Non
         assert {k: h[k] for k in expected_extra[t.id]} == expected_extra[t.id], t.id
         assert (h["t"], h["p"], h["f"]) == (t.type.encode(), t.payload, t.fingerprint), t.id
         assert h["m"] == str(t.options.max_retry).encode(), t.id
+        assert h["o"] == flags[t.id], t.id
         assert before <= int(h["c"]) <= after
     for t in (tasks[3], tasks[6]):
         assert benv.r.get(lock_of(benv, t)) == t.id.encode()
@@ -371,6 +375,34 @@ def test_unique_lock_rejects_duplicate_until_ack(benv: Env) -> None:
     assert benv.r.get(lock) == b"second"
 
 
+def test_ack_releases_each_lock_of_a_mixed_batch(benv: Env) -> None:
+    # Tasks without a lock before and between tasks with one, acked in one call: each lock is
+    # released (ack lines up what it read per held task; a task without a lock must not shift it).
+    tasks = [task("plain-1"), unique_task("u-1"), task("plain-2"),
+             qsync.Task("uniq", b"other", task_id="u-2", unique=60, retention=60),
+             qsync.Task("uniq", b"third", task_id="u-3", unique=60, timeout=5)]  # fmt: skip
+    benv.enqueue(*tasks)
+    leased = benv.lease(count=5)
+    assert [t.id for t in leased] == ["plain-1", "u-1", "plain-2", "u-2", "u-3"]
+    assert benv.q.ack(Q, leased) == [True] * 5
+    for t in tasks[1], tasks[3], tasks[4]:
+        assert not benv.r.exists(lock_of(benv, t)), f"ack left {t.id}'s lock"
+    assert benv.zids("completed") == ["u-2"]
+
+
+def test_lease_and_ack_read_options_of_a_task_without_flags(benv: Env) -> None:
+    # A task hash written before "o" existed (or with it removed): lease and ack read every
+    # optional field, as they did then.
+    first = qsync.Task("uniq", b"x", task_id="old", unique=60, retention=60, timeout=7, retry_delay=3)
+    benv.enqueue(first)
+    benv.r.hdel(benv.k.task("old"), "o")
+    (leased,) = benv.lease()
+    assert (leased.timeout_ms, leased.retry_delay_ms) == (7_000, 3_000)
+    assert benv.q.ack(Q, [leased]) == [True]
+    assert not benv.r.exists(lock_of(benv, first))
+    assert benv.zids("completed") == ["old"]
+
+
 def _archive_by_fail_skip(env: Env) -> None:
     (leased,) = env.lease()
     assert env.q.fail(Q, [qsync.Failure(leased.id, leased.token, "skip", None)]) == [TaskState.ARCHIVED]
@@ -388,7 +420,8 @@ def _archive_by_recover(env: Env) -> None:
 
 
 def _archive_by_lease_deadline(env: Env) -> None:
-    env.r.hset(env.k.task("first"), "deadline", env.now() - 1)
+    # "o" = 3: the hash now has a lease-side option (lua/README.md, task hash fields).
+    env.r.hset(env.k.task("first"), mapping={"deadline": env.now() - 1, "o": "3"})
     batch = env.q.lease(Q)
     assert batch.tasks == [] and batch.deadline_archived == 1
 
@@ -437,7 +470,7 @@ def test_unique_lock_held_by_another_id_is_not_released(benv: Env, how: str) -> 
 # --- lease -----------------------------------------------------------------------------------
 
 
-def test_lease_up_to_n_in_fifo_order_with_fresh_tokens(benv: Env) -> None:
+def test_lease_up_to_n_in_fifo_order_with_a_fresh_token_per_call(benv: Env) -> None:
     benv.enqueue(*(task(f"t{i}") for i in range(5)))
 
     before = benv.now()
@@ -458,8 +491,9 @@ def test_lease_up_to_n_in_fifo_order_with_fresh_tokens(benv: Env) -> None:
 
     rest = benv.q.lease(Q, count=10, lease_duration=30)
     assert [t.id for t in rest.tasks] == ["t3", "t4"]
-    tokens = [t.token for t in batch.tasks + rest.tasks]
-    assert len(set(tokens)) == 5, "every lease has its own token"
+    # A call's tasks share its token; each (id, token) pair is a lease of its own.
+    assert {t.token for t in batch.tasks} == {batch.tasks[0].token}
+    assert {t.token for t in rest.tasks} == {rest.tasks[0].token} != {batch.tasks[0].token}
 
     empty = benv.q.lease(Q, count=10)
     assert empty.tasks == []
@@ -511,6 +545,19 @@ def test_lease_drops_an_orphan_id(benv: Env) -> None:
     assert not benv.r.exists(benv.k.task("ghost")), "no hash is invented for an orphan id"
 
 
+def test_lease_leases_an_id_once_when_pending_holds_it_twice(benv: Env) -> None:
+    # Pending holds each id once (I5); a second copy, from corruption, would share the call's
+    # lease. It is dropped as an orphan: the task is leased once and the copy is gone.
+    benv.enqueue(task("a"), task("b"))
+    benv.r.lpush(benv.k.pending, "a")
+    batch = benv.q.lease(Q, count=5)
+    assert [t.id for t in batch.tasks] == ["a", "b"]
+    assert batch.orphans == 1
+    assert benv.pending() == []
+    assert benv.q.ack(Q, batch.tasks) == [True, True]
+    assert benv.where("a") == [] and benv.where("b") == []
+
+
 def test_lease_leaves_a_task_of_a_newer_format_alone(benv: Env) -> None:
     benv.enqueue(task("new"))
     benv.r.hset(benv.k.task("new"), "v", 999)
@@ -531,7 +578,8 @@ def test_lease_puts_back_newer_tasks_in_a_batch_and_leases_the_rest(benv: Env) -
     for leased in batch.tasks:
         benv.assert_in(leased.id, "active")
         assert benv.score("active", leased.id) == batch.expires_ms
-    assert len({t.token for t in batch.tasks}) == 3
+    assert all(benv.h(t.id)["token"] == t.token.encode() for t in batch.tasks)
+    assert "token" not in benv.h("t1") and "token" not in benv.h("t3")
 
 
 # --- pause, resume ---------------------------------------------------------------------------
@@ -1268,7 +1316,8 @@ def test_lease_archives_a_task_hash_with_missing_or_malformed_fields(
     if value is None:
         benv.r.hdel(benv.k.task("bad"), field)
     else:
-        benv.r.hset(benv.k.task("bad"), field, value)
+        # "o" = 3 makes lease read the optional fields this case may set (lua/README.md).
+        benv.r.hset(benv.k.task("bad"), mapping={field: value, "o": "3"})
     raw_before = benv.h("bad")
 
     batch = benv.q.lease(Q, count=2)
