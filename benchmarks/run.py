@@ -205,6 +205,16 @@ def _redis_cpu(client: redis.Redis) -> float:
     return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
 
 
+def _process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
 # --- producers ----------------------------------------------------------------------------------
 
 
@@ -343,6 +353,7 @@ def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
     bare: list[float] = []
     rates: dict[int, list[float]] = {1: [], 2: []}
     cpu_per_task: dict[int, list[float]] = {1: [], 2: []}
+    worker_cpu_per_task: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(2 if quick else 5):
         fill(queue, n)
         out = subprocess.run(
@@ -355,22 +366,27 @@ def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
         for processes in (1, 2):
             fill(queue, n)
             queue.pause("default")
-            with workers(bench, prefix, processes, concurrency=500):
-                cpu_before = _redis_cpu(bench.client)
+            with workers(bench, prefix, processes, concurrency=500) as pids:
+                cpu_before, worker_cpu_before = _redis_cpu(bench.client), _process_cpu(pids)
                 started = time.perf_counter()
                 queue.resume("default")
                 _wait(lambda: drained(bench.client, queue), "the queue to drain", 300)
                 rates[processes].append(n / (time.perf_counter() - started))
                 cpu_per_task[processes].append((_redis_cpu(bench.client) - cpu_before) / n * 1e6)
+                worker_cpu_per_task[processes].append((_process_cpu(pids) - worker_cpu_before) / n * 1e6)
     bare_rate = _median(bare)
     report.add(Row("drain", "bare asyncio loop (lease 500, no-op, ack)", bare_rate, "tasks/s"))
     one = _median(rates[1])
     report.add(Row("drain", "server, 1 worker process (concurrency 500)", one, "tasks/s",
                    "bare loop", bare_rate, ">= 30,000/s and >= 0.67x"))  # fmt: skip
     report.add(Row("drain", "  Redis CPU per task (1 process)", _median(cpu_per_task[1]), "µs"))
+    report.add(Row("drain", "  worker CPU per task (1 process)", _median(worker_cpu_per_task[1]), "µs"))
     report.add(Row("drain", "server, 2 worker processes (concurrency 500)", _median(rates[2]), "tasks/s",
                    "1 process", one, "> 1.00x"))  # fmt: skip
     report.add(Row("drain", "  Redis CPU per task (2 processes)", _median(cpu_per_task[2]), "µs"))
+    report.add(
+        Row("drain", "  worker CPU per task (2 processes together)", _median(worker_cpu_per_task[2]), "µs")
+    )
     _delete_prefix(bench.client, prefix)
 
 

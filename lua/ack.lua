@@ -44,13 +44,13 @@ for i = 1, #ids do
   local id = ids[i]
   local task_key = task_prefix .. id
   -- pcall: a task key of another type reads as an error table: not held. Retention and the
-  -- unique lock are read only when "o" says the task has one (or predates "o"): naming a
-  -- field the hash lacks costs a scan of the whole hash.
-  local f = scores[i] and not held[id] and redis.pcall("HMGET", task_key, "token", "o")
+  -- unique lock are read only when "o" says the task has one, or for a task of format 1
+  -- (written before "o" existed): naming a field the hash lacks costs a scan of the hash.
+  local f = scores[i] and not held[id] and redis.pcall("HMGET", task_key, "token", "v", "o")
   if f and not f.err and f[1] == ARGV[2 * i] then
     held[id] = true  -- the same lease twice in one batch finishes once; the second is lost
     local retention, lock = 0, nil
-    if f[2] ~= "0" and f[2] ~= "1" then
+    if f[2] ~= "2" or (f[3] and f[3] ~= "1") then
       local o = rcall("HMGET", task_key, "retention", "unique")
       retention, lock = o[1] and tonumber(o[1]) or 0, o[2]
     end

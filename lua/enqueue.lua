@@ -72,15 +72,16 @@ for j = 1, m do
   if ARGV[p + 3] ~= "0" then options[#options + 1] = "deadline"; options[#options + 1] = ARGV[p + 3] end
   if ARGV[p + 4] ~= "0" then options[#options + 1] = "retention"; options[#options + 1] = ARGV[p + 4] end
   if ARGV[p + 5] ~= "-1" then options[#options + 1] = "retry_delay"; options[#options + 1] = ARGV[p + 5] end
-  -- "o" tells lease and ack which optional fields to read, so a plain task's hot path never
-  -- asks for fields it lacks (a missing field costs a scan of the whole hash): 1 = timeout,
-  -- deadline or retry_delay set (lease reads them), 2 = retention or a unique lock (ack reads
-  -- them), 3 = both, 0 = neither.
+  -- "o" tells lease and ack which optional fields to read, so the hot path never asks for
+  -- fields a task lacks (each costs a scan of the whole hash): 1 = timeout, deadline or
+  -- retry_delay (lease reads them), 2 = retention or a unique lock (ack reads them), 3 = both.
+  -- A plain task has no "o" (format 2: missing means none), which keeps its hash small.
   local flags = 0
   if ARGV[p + 2] ~= "0" or ARGV[p + 3] ~= "0" or ARGV[p + 5] ~= "-1" then flags = 1 end
   if ARGV[p + 4] ~= "0" or ARGV[p + 8] ~= "0" then flags = flags + 2 end
+  if flags > 0 then options[#options + 1] = "o"; options[#options + 1] = tostring(flags) end
   profiles[j] = {
-    type = ARGV[p], max_retry = ARGV[p + 1], options = options, due = due, flags = tostring(flags),
+    type = ARGV[p], max_retry = ARGV[p + 1], options = options, due = due,
     state = due > now and "scheduled" or "pending",
     lock_ttl = ARGV[p + 8] ~= "0" and ARGV[p + 8] or nil,
   }
@@ -129,9 +130,8 @@ for _ = 1, n do
 
   if code == 1 then
     local state = profile.state
-    rcall("HSET", task_key, "v", "1", "t", profile.type, "p", ARGV[t + 2], "f", fingerprint,
-          "s", state, "m", profile.max_retry, "r", "0", "c", created, "o", profile.flags,
-          unpack(profile.options))
+    rcall("HSET", task_key, "v", "2", "t", profile.type, "p", ARGV[t + 2], "f", fingerprint,
+          "s", state, "m", profile.max_retry, "r", "0", "c", created, unpack(profile.options))
     if lock_key then
       rcall("SET", lock_key, id, "PX", profile.lock_ttl)
       rcall("HSET", task_key, "unique", lock_key)

@@ -64,9 +64,9 @@ for i = 1, #ids do
   local id = ids[i]
   local task_key = task_prefix .. id
   -- pcall: a task key of another type reads as an error table, which counts as an orphan.
-  -- Only fields every task has are named here: a field the hash lacks costs a scan of the whole
-  -- hash, so the optional ones are read in a second call when "o" (lua/enqueue.lua) says they
-  -- are set, or when "o" is missing (a task written before it existed).
+  -- The optional fields are not named here: each one a hash lacks costs a scan of the whole
+  -- hash. They are read in a second call when "o" (lua/enqueue.lua) says a task has them, and
+  -- always for a task of format 1 (written before "o" existed).
   local f = not seen[id] and redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m", "o")
   seen[id] = true
   if not f or f.err or (not f[1] and not f[2] and not f[3] and rcall("EXISTS", task_key) == 0) then
@@ -74,7 +74,7 @@ for i = 1, #ids do
   else
     local version, retried, max_retry, flags = tonumber(f[1]), tonumber(f[4]), tonumber(f[5]), f[6]
     local timeout, deadline, retry_delay = 0, 0, -1
-    if flags ~= "0" and flags ~= "2" then
+    if f[1] ~= "2" or (flags and flags ~= "2") then
       local o = rcall("HMGET", task_key, "timeout", "deadline", "retry_delay")
       timeout, retry_delay = o[1] and tonumber(o[1]) or 0, o[3] and tonumber(o[3]) or -1
       if o[2] then

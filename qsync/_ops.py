@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-TASK_FORMAT_VERSION = 1
+TASK_FORMAT_VERSION = 2  # lua/README.md, task hash fields: 2 added "o"; lease reads 1 and 2
 # Tasks per enqueue script call: small enough that the calls of one enqueue_many stream
 # (Redis runs one while the next is packed), large enough that a call's overhead is noise.
 ENQUEUE_CHUNK = 250

@@ -41,7 +41,7 @@ _prefixes = itertools.count()
 def expected_fields(queue: Any, task: Task) -> dict[bytes, bytes]:
     """The task hash fields enqueue writes for ``task`` (lua/README.md), but the creation time."""
     o = task.options
-    fields = {b"v": b"1", b"t": task.type.encode(), b"p": task.payload, b"f": task.fingerprint,
+    fields = {b"v": b"2", b"t": task.type.encode(), b"p": task.payload, b"f": task.fingerprint,
               b"m": b"%d" % o.max_retry, b"r": b"0"}  # fmt: skip
     optional = {b"timeout": o.timeout_ms, b"deadline": o.deadline_ms, b"retention": o.retention_ms}
     fields.update({name: b"%d" % value for name, value in optional.items() if value})
@@ -51,7 +51,8 @@ def expected_fields(queue: Any, task: Task) -> dict[bytes, bytes]:
         fields[b"unique"] = queue.keys("default").unique(o.unique_key).encode()
     lease_side = bool(o.timeout_ms or o.deadline_ms or o.retry_delay_ms != -1)
     finish_side = bool(o.retention_ms or o.unique_key is not None)
-    fields[b"o"] = b"%d" % (lease_side + 2 * finish_side)
+    if lease_side or finish_side:
+        fields[b"o"] = b"%d" % (lease_side + 2 * finish_side)
     return fields
 
 

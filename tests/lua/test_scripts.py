@@ -190,13 +190,13 @@ def test_enqueue_ready_task_is_pending(benv: Env) -> None:
     assert benv.pending() == ["a"]
     benv.assert_in("a", "pending")
     h = benv.h("a")
-    assert h["v"] == b"1"
+    assert h["v"] == b"2"
     assert h["t"] == b"job"
     assert h["p"] == b"pay"
     assert h["m"] == b"3"
     assert h["r"] == b"0"
     assert before <= int(h["c"]) <= after
-    assert "token" not in h
+    assert "token" not in h and "o" not in h, "a plain task has no options to flag"
     assert benv.r.lrange(benv.k.wake, 0, -1) == [b"1"]
     assert benv.q.info("a", queue=Q).state is TaskState.PENDING
 
@@ -305,16 +305,14 @@ def test_enqueue_many_gives_each_task_its_own_type_and_options(benv: Env) -> Non
     assert late is not None and before + 60_000 <= late <= after + 60_000
     assert benv.score("scheduled", "at-1") == due
 
-    common = {"v", "t", "p", "f", "s", "m", "r", "c", "o"}
-    # "o": which optional fields lease (1) and ack (2) must read.
-    flags = {"plain-1": b"0", "plain-2": b"0", "late-1": b"0", "at-1": b"0", "mail-1": b"3",
-             "mail-2": b"3", "uniq-1": b"3", "uniq-2": b"3"}  # fmt: skip
+    common = {"v", "t", "p", "f", "s", "m", "r", "c"}
+    # "o": which options lease (1) and ack (2) must read; none, and no "o", on a plain task.
     expected_extra = {
         "plain-1": {}, "plain-2": {}, "late-1": {}, "at-1": {},
-        "mail-1": {"timeout": b"30000", "retention": b"60000"},
-        "mail-2": {"timeout": b"30000", "retention": b"60000"},
-        "uniq-1": {"retry_delay": b"5000", "unique": lock_of(benv, tasks[3]).encode()},
-        "uniq-2": {"retry_delay": b"5000", "unique": lock_of(benv, tasks[6]).encode()},
+        "mail-1": {"timeout": b"30000", "retention": b"60000", "o": b"3"},
+        "mail-2": {"timeout": b"30000", "retention": b"60000", "o": b"3"},
+        "uniq-1": {"retry_delay": b"5000", "unique": lock_of(benv, tasks[3]).encode(), "o": b"3"},
+        "uniq-2": {"retry_delay": b"5000", "unique": lock_of(benv, tasks[6]).encode(), "o": b"3"},
     }  # fmt: skip
     for t in tasks:
         h = benv.h(t.id)
@@ -322,7 +320,7 @@ def test_enqueue_many_gives_each_task_its_own_type_and_options(benv: Env) -> Non
         assert {k: h[k] for k in expected_extra[t.id]} == expected_extra[t.id], t.id
         assert (h["t"], h["p"], h["f"]) == (t.type.encode(), t.payload, t.fingerprint), t.id
         assert h["m"] == str(t.options.max_retry).encode(), t.id
-        assert h["o"] == flags[t.id], t.id
+        assert h["v"] == b"2", t.id
         assert before <= int(h["c"]) <= after
     for t in (tasks[3], tasks[6]):
         assert benv.r.get(lock_of(benv, t)) == t.id.encode()
@@ -390,12 +388,27 @@ def test_ack_releases_each_lock_of_a_mixed_batch(benv: Env) -> None:
     assert benv.zids("completed") == ["u-2"]
 
 
-def test_lease_and_ack_read_options_of_a_task_without_flags(benv: Env) -> None:
-    # A task hash written before "o" existed (or with it removed): lease and ack read every
-    # optional field, as they did then.
+@pytest.mark.parametrize("flags", ["1", "2", "3"])
+def test_lease_and_ack_read_only_the_options_o_names(benv: Env, flags: str) -> None:
+    # "o" says which options a task has (lua/README.md): lease reads timeout, deadline and
+    # retry_delay only for 1 and 3, ack reads retention and the lock only for 2 and 3.
+    first = qsync.Task("uniq", b"x", task_id="a", unique=60, retention=60, timeout=7, retry_delay=3)
+    benv.enqueue(first)
+    benv.r.hset(benv.k.task("a"), "o", flags)
+    (leased,) = benv.lease()
+    lease_side, finish_side = flags in ("1", "3"), flags in ("2", "3")
+    assert (leased.timeout_ms, leased.retry_delay_ms) == ((7_000, 3_000) if lease_side else (0, -1))
+    assert benv.q.ack(Q, [leased]) == [True]
+    assert benv.r.exists(lock_of(benv, first)) == (not finish_side)
+    assert benv.zids("completed") == (["a"] if finish_side else [])
+
+
+def test_lease_and_ack_read_every_option_of_a_format_1_task(benv: Env) -> None:
+    # A task hash of format 1, written before "o" existed: lease and ack read every option.
     first = qsync.Task("uniq", b"x", task_id="old", unique=60, retention=60, timeout=7, retry_delay=3)
     benv.enqueue(first)
     benv.r.hdel(benv.k.task("old"), "o")
+    benv.r.hset(benv.k.task("old"), "v", "1")
     (leased,) = benv.lease()
     assert (leased.timeout_ms, leased.retry_delay_ms) == (7_000, 3_000)
     assert benv.q.ack(Q, [leased]) == [True]
