@@ -1,6 +1,7 @@
 --[[
   lease: move up to n ready tasks of one queue from pending to active, each with a fresh lease
-  (the call's token) and a lease expiry from the server clock. Called by Queue.lease (qsync/_ops.py lease).
+  (its id with the call's token) and a lease expiry from the server clock. Called by
+  Queue.lease (qsync/_ops.py lease).
 
   KEYS[1] -> {<prefix>:<queue>}:pending      list, ids ready to run (RPOP: oldest first)
   KEYS[2] -> {<prefix>:<queue>}:active       zset, leased ids scored by lease expiry (ms)
@@ -28,8 +29,9 @@
   (so a burst wakes idle workers one after another). On the way, a task whose deadline has passed goes to
   archived ("deadline exceeded"), a hash with missing or malformed fields goes to archived
   ("corrupt: ...", raw fields kept), and a popped id with no hash is dropped (orphan), as is
-  a second copy of an id in one call (pending holds each id once; a copy would share the lease). A task
-  written by a newer qsync ("v" above ARGV[4]) is put back at the tail, unleased and untouched.
+  a second copy of an id in one call (pending holds each id once; a copy would share the
+  lease). A task written by a newer qsync ("v" above ARGV[4]) is put back at the tail,
+  unleased and untouched.
   Invariants: every leased id is in active and nowhere else, its hash state is "active" and its
   "token" field holds ARGV[3]; no id is lost by being popped.
 ]]
