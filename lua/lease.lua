@@ -73,6 +73,10 @@ for i = 1, #ids do
   seen[id] = true
   if not f or f.err or (not f[1] and not f[2] and not f[3] and rcall("EXISTS", task_key) == 0) then
     reply[5] = reply[5] + 1
+  elseif tonumber(f[1]) and tonumber(f[1]) > max_version then
+    -- Written by a newer qsync, which may name or encode its fields otherwise: nothing of it is
+    -- read or judged here. Back at the tail, for a worker that can read it.
+    rcall("LPUSH", pending_key, id)
   else
     local version, retried, max_retry, flags = tonumber(f[1]), tonumber(f[4]), tonumber(f[5]), f[6]
     local timeout, deadline, retry_delay = 0, 0, -1
@@ -95,8 +99,6 @@ for i = 1, #ids do
       archive_task(task_key, id, archived_key, now, "corrupt: field " .. missing .. " missing or malformed",
                    rcall("HGET", task_key, "unique"))
       reply[4] = reply[4] + 1
-    elseif version > max_version then
-      rcall("LPUSH", pending_key, id)  -- back at the tail, for a worker that can read it
     elseif deadline > 0 and now >= deadline then
       archive_task(task_key, id, archived_key, now, "deadline exceeded", rcall("HGET", task_key, "unique"))
       reply[3] = reply[3] + 1

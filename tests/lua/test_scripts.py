@@ -571,14 +571,23 @@ def test_lease_leases_an_id_once_when_pending_holds_it_twice(benv: Env) -> None:
     assert benv.where("a") == [] and benv.where("b") == []
 
 
-def test_lease_leaves_a_task_of_a_newer_format_alone(benv: Env) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"deadline": "soon", "o": "3"}, {"r": "abc"}, {"deadline": "1", "o": "1"}],
+    ids=["plain", "unreadable-deadline", "unreadable-retried", "deadline-passed"],
+)
+def test_lease_leaves_a_task_of_a_newer_format_alone(benv: Env, fields: dict[str, str]) -> None:
+    # A newer format may name or encode its fields otherwise: none of them is read or judged
+    # (not archived as corrupt or as past its deadline), the task is put back untouched.
     benv.enqueue(task("new"))
-    benv.r.hset(benv.k.task("new"), "v", 999)
+    benv.r.hset(benv.k.task("new"), mapping={"v": 999, **fields})
+    benv.r.hdel(benv.k.task("new"), "t")
+    before = benv.h("new")
     batch = benv.q.lease(Q, count=5)
     assert batch.tasks == []
-    assert (batch.corrupt_archived, batch.deadline_archived) == (0, 0)
+    assert (batch.corrupt_archived, batch.deadline_archived, batch.orphans) == (0, 0, 0)
     benv.assert_in("new", "pending")
-    assert benv.h("new")["r"] == b"0"
+    assert benv.h("new") == before
 
 
 def test_lease_puts_back_newer_tasks_in_a_batch_and_leases_the_rest(benv: Env) -> None:
