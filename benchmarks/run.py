@@ -547,8 +547,9 @@ def measure_growth(bench: PrivateRedis, report: Report, quick: bool) -> None:
                 fill(queue, size)
             else:
                 _schedule_far(queue, size - 5000)
-        for _ in range(3):
-            for size, queue in queues.items():
+        for round_index in range(5):  # five short samples each, taking turns going first
+            order = list(queues.items())
+            for size, queue in order if round_index % 2 == 0 else order[::-1]:
                 if measure == "lease":
                     fill(queue, size - int(bench.client.llen(queue.keys("default").pending)))  # top up
                     samples[size].append(_lease_ack_us(queue, 3000))

@@ -40,17 +40,26 @@ local promoted, orphans = 0, 0
 local next_due = -1
 for _, source in ipairs({scheduled_key, retry_key}) do
   local ids = rcall("ZRANGEBYSCORE", source, "-inf", now, "LIMIT", 0, limit)
+  -- One ZREM and one LPUSH per 1,000 ids rather than one of each per task (same order in
+  -- pending as one LPUSH per task): a call from Lua costs more than its command.
+  local ready = {}
   for _, id in ipairs(ids) do
     local task_key = task_prefix .. id
-    rcall("ZREM", source, id)
     if key_type(task_key) == "hash" then
       rcall("HSET", task_key, "s", "pending")
-      rcall("LPUSH", pending_key, id)
-      promoted = promoted + 1
+      ready[#ready + 1] = id
     else
       orphans = orphans + 1
     end
   end
+  for first = 1, #ids, 1000 do
+    local last = math.min(first + 999, #ids)
+    rcall("ZREM", source, unpack(ids, first, last))
+  end
+  for first = 1, #ready, 1000 do
+    rcall("LPUSH", pending_key, unpack(ready, first, math.min(first + 999, #ready)))
+  end
+  promoted = promoted + #ready
   local head = rcall("ZRANGE", source, 0, 0, "WITHSCORES")
   if head[2] then
     local due = tonumber(head[2])
