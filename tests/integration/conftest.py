@@ -16,14 +16,29 @@ from tests.integration.test_server import Worker
 from tests.redis_procs import RedisServer
 
 
-@pytest.fixture(params=["sync", "async"])
-def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
+def _worker(flavour: str, redis_server: RedisServer) -> Iterator[Worker]:
     redis_server.client().flushall()
-    w = Worker(request.param, redis_server)
+    w = Worker(flavour, redis_server)
     try:
         yield w
     finally:
         w.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
+    yield from _worker(request.param, redis_server)
+
+
+@pytest.fixture
+def aworker(redis_server: RedisServer) -> Iterator[Worker]:
+    """An AsyncQueue.run worker (the server code is the same for both flavours)."""
+    yield from _worker("async", redis_server)
+
+
+@pytest.fixture
+def sworker(redis_server: RedisServer) -> Iterator[Worker]:
+    yield from _worker("sync", redis_server)
 
 
 @pytest.fixture

@@ -49,31 +49,6 @@ def _contain_leaked_connections() -> Iterator[None]:
     collect_quietly()
 
 
-def _worker(flavour: str, redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker(flavour, redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-@pytest.fixture(params=["sync", "async"])
-def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
-    yield from _worker(request.param, redis_server)
-
-
-@pytest.fixture
-def aworker(redis_server: RedisServer) -> Iterator[Worker]:
-    """An AsyncQueue.run worker (the server code is the same for both flavours)."""
-    yield from _worker("async", redis_server)
-
-
-@pytest.fixture
-def sworker(redis_server: RedisServer) -> Iterator[Worker]:
-    yield from _worker("sync", redis_server)
-
-
 def server_of(w: Worker) -> Server:
     if w.flavour == "sync":
         assert w._server_queue is not None and w._server_queue._thread is not None

@@ -19,18 +19,12 @@ from qsync import Context, LeasedTask, Task, TaskState
 from tests.integration.test_attempts import server_of, where
 from tests.integration.test_server import Calls, Worker, collect_quietly
 from tests.polling import wait_until
-from tests.redis_procs import RedisServer
 
 
-@pytest.fixture
-def aworker(redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker("async", redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
-        collect_quietly()
+@pytest.fixture(autouse=True)
+def _contain_leaked_connections() -> Iterator[None]:
+    yield
+    collect_quietly()
 
 
 def as_format_1(w: Worker, task_id: str) -> None:
