@@ -553,7 +553,7 @@ def measure_growth(bench: PrivateRedis, report: Report, quick: bool) -> None:
                 fill(queue, size)
             else:
                 _schedule_far(queue, size - 5000)
-        for round_index in range(5):  # five short samples each, taking turns going first
+        for round_index in range(5):  # five samples each, the two sizes taking turns going first
             order = list(queues.items())
             for size, queue in order if round_index % 2 == 0 else order[::-1]:
                 if measure == "lease":
