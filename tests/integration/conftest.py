@@ -4,14 +4,15 @@ a Redis with a TLS port and an ACL user (test_link, test_link_attack)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tests.integration.test_client import Shell
-from tests.integration.test_link import TlsRedis
+from tests.integration.test_link import TlsRedis, next_name
 from tests.integration.test_server import Worker
 from tests.redis_procs import RedisServer
 
@@ -69,3 +70,15 @@ def admin(tls_redis: TlsRedis) -> Iterator[redis.Redis]:
 def kind(request: pytest.FixtureRequest) -> str:
     """How a test reaches ``tls_redis``: ``plain`` (TCP, default user) or ``tls`` (TLS, ACL user)."""
     return str(request.param)
+
+
+@pytest.fixture
+async def named_client(tls_redis: TlsRedis, kind: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    """An asyncio client of ``tls_redis`` (TLS with the ACL user, or plain TCP) with a client
+    name of its own, which tests find it by in CLIENT LIST; closed at the end."""
+    name = next_name()
+    client = tls_redis.client(kind, client_name=name)
+    try:
+        yield client, name
+    finally:
+        await client.aclose()

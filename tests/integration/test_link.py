@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import subprocess
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +66,9 @@ class TlsRedis:
         return aioredis.Redis.from_url(self.url(kind), **tls, **kwargs)
 
 
-@pytest.fixture
-async def named_client(tls_redis: TlsRedis, kind: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
-    name = f"link-{next(_names)}"
-    client = tls_redis.client(kind, client_name=name)
-    try:
-        yield client, name
-    finally:
-        await client.aclose()
+def next_name() -> str:
+    """A client name (and key stem) no other test of the session uses."""
+    return f"link-{next(_names)}"
 
 
 async def open_link(client: aioredis.Redis) -> Link:
@@ -99,6 +93,19 @@ async def blocked(admin: redis.Redis, name: str) -> dict[str, Any]:
         assert asyncio.get_running_loop().time() < deadline, f"{name} never blocked in BRPOP"
         await asyncio.sleep(0.01)
     return found[0]
+
+
+async def kill_while_blocked(
+    link: Link, admin: redis.Redis, name: str, commands: list[tuple[Any, ...]]
+) -> dict[str, Any]:
+    """Send ``commands`` (a BRPOP first) on ``link``, kill its connection once it blocks, and
+    check that the wait fails; returns the killed connection's CLIENT LIST entry."""
+    wait = asyncio.create_task(link.roundtrip(Exchange(commands, name)))
+    old = await blocked(admin, name)
+    admin.client_kill_filter(_id=old["id"])
+    with pytest.raises(redis.ConnectionError):
+        await asyncio.wait_for(wait, 20)
+    return old
 
 
 # --- replies --------------------------------------------------------------------------------------
@@ -160,11 +167,7 @@ async def test_a_killed_connection_fails_the_wait_and_the_next_one_reconnects(
 ) -> None:
     client, name = named_client
     link = await open_link(client)
-    wait = asyncio.create_task(link.roundtrip(Exchange([("BRPOP", f"{name}:wake", 30)], name)))
-    old = await blocked(admin, name)
-    admin.client_kill_filter(_id=old["id"])
-    with pytest.raises(redis.ConnectionError):
-        await asyncio.wait_for(wait, 20)
+    old = await kill_while_blocked(link, admin, name, [("BRPOP", f"{name}:wake", 30)])
     await link.connect()
     assert link.taken_over
     assert await link.roundtrip(Exchange([("PING",)], name)) == [b"PONG"]
@@ -175,7 +178,7 @@ async def test_a_killed_connection_fails_the_wait_and_the_next_one_reconnects(
 async def test_a_wait_past_the_socket_timeout_fails_and_drops_its_connection(
     tls_redis: TlsRedis, kind: str, admin: redis.Redis
 ) -> None:
-    name = f"link-{next(_names)}"
+    name = next_name()
     client = tls_redis.client(kind, client_name=name, socket_timeout=0.2)
     try:
         link = await open_link(client)
@@ -218,7 +221,7 @@ async def test_a_cancelled_wait_drops_its_connection_and_no_stale_reply_is_read(
 async def test_closing_the_client_closes_a_taken_over_connection(
     tls_redis: TlsRedis, kind: str, admin: redis.Redis
 ) -> None:
-    name = f"link-{next(_names)}"
+    name = next_name()
     client = tls_redis.client(kind, client_name=name)
     link = await open_link(client)
     assert link.taken_over and connections(admin, name)

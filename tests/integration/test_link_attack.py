@@ -33,6 +33,7 @@ from tests.integration.test_link import (
     _Recorder,
     blocked,
     connections,
+    kill_while_blocked,
     open_link,
 )
 from tests.polling import wait_until
@@ -132,22 +133,18 @@ async def test_decoding_and_resp3_clients_get_the_same_replies_as_redis_py(
 
 
 async def test_a_large_reply_over_many_reads_is_whole(
-    tls_redis: TlsRedis, kind: str, admin: redis.Redis
+    named_client: tuple[aioredis.Redis, str], admin: redis.Redis
 ) -> None:
-    name = _name()
-    client = tls_redis.client(kind, client_name=name)
-    try:
-        big = os.urandom(3 * 1024 * 1024 + 7)
-        admin.set(f"{name}:big", big)
-        commands: list[tuple[Any, ...]] = [
-            ("GET", f"{name}:big"),
-            ("LRANGE", f"{name}:none", 0, -1),
-            ("PING",),
-        ]
-        link = await open_link(client)
-        assert await link.roundtrip(Exchange(commands, "k")) == [big, [], b"PONG"]
-    finally:
-        await client.aclose()
+    client, name = named_client
+    big = os.urandom(3 * 1024 * 1024 + 7)
+    admin.set(f"{name}:big", big)
+    commands: list[tuple[Any, ...]] = [
+        ("GET", f"{name}:big"),
+        ("LRANGE", f"{name}:none", 0, -1),
+        ("PING",),
+    ]
+    link = await open_link(client)
+    assert await link.roundtrip(Exchange(commands, "k")) == [big, [], b"PONG"]
 
 
 # --- unix sockets ---------------------------------------------------------------------------------
@@ -174,11 +171,7 @@ async def test_a_unix_socket_connection_is_taken_over_and_survives_a_kill(unix_r
     try:
         link = await open_link(client)
         assert link.taken_over
-        wait = asyncio.create_task(link.roundtrip(Exchange([("BRPOP", f"{name}:wake", 30), ("PING",)], name)))
-        old = await blocked(admin, name)
-        admin.client_kill_filter(_id=old["id"])
-        with pytest.raises(redis.ConnectionError):
-            await asyncio.wait_for(wait, 20)
+        await kill_while_blocked(link, admin, name, [("BRPOP", f"{name}:wake", 30), ("PING",)])
         await link.connect()
         assert link.taken_over
         admin.select(3)
@@ -524,20 +517,16 @@ async def test_an_async_tls_worker_cancelled_while_armed_leaves_nothing_behind(
 
 
 async def test_a_connection_closed_behind_the_links_back_is_taken_over_again(
-    tls_redis: TlsRedis, kind: str, admin: redis.Redis
+    named_client: tuple[aioredis.Redis, str], admin: redis.Redis
 ) -> None:
     # redis-py closes a connection without waiting in places (its _close(): a disconnect
     # outside a task, a failed release): the next connect() makes a new transport at once,
     # before the old one's end reached the link. The link must read the new one, not wait on
     # the old (whose writes go nowhere).
-    name = _name()
-    client = tls_redis.client(kind, client_name=name)
-    try:
-        link = await open_link(client)
-        link._conn._close()
-        await link.connect()
-        assert link.taken_over
-        assert await asyncio.wait_for(link.roundtrip(Exchange([("ECHO", "new")], name)), 10) == [b"new"]
-        assert len(connections(admin, name)) == 1
-    finally:
-        await client.aclose()
+    client, name = named_client
+    link = await open_link(client)
+    link._conn._close()
+    await link.connect()
+    assert link.taken_over
+    assert await asyncio.wait_for(link.roundtrip(Exchange([("ECHO", "new")], name)), 10) == [b"new"]
+    assert len(connections(admin, name)) == 1
