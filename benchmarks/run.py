@@ -14,8 +14,8 @@ It starts its own redis-server (never a Redis it did not start), then measures:
   against a floor process that makes only the same hops (``latency_floor.py``; the floor and
   the server probed in turns);
 - memory per pending task in Redis (beyond its payload) and worker RSS growth;
-- growth: lease+ack and promote cost per task with 10k and with 1M tasks waiting (both queues
-  side by side in one Redis, measured in turns).
+- growth: lease+ack, promote and recover cost per task with 10k and with 1M tasks waiting,
+  scheduled or leased (both queues side by side in one Redis, measured in turns).
 
 Medians of repeated runs where a figure is cheap to repeat. It prints one table and writes
 JSON to ``benchmarks/results/`` (compared with the previous run when there is one). The
@@ -538,21 +538,55 @@ def _promote_us(bench: PrivateRedis, queue: qsync.Queue, due: int) -> float:
     return elapsed / due * 1e6
 
 
+def _hold_leases(queue: qsync.Queue, count: int) -> None:
+    """``count`` tasks leased for an hour: the live leases recover must not walk."""
+    fill(queue, count)
+    held = 0
+    while held < count:
+        held += len(queue.lease("default", count=min(1000, count - held), lease_duration=3600).tasks)
+
+
+def _recover_us(bench: PrivateRedis, queue: qsync.Queue, expired: int) -> float:
+    """Microseconds per task to recover ``expired`` leases that expire among the live ones."""
+    keys = queue.keys("default")
+    before = int(bench.client.zcard(keys.active))
+    fill(queue, expired)
+    leased = 0
+    while leased < expired:
+        leased += len(queue.lease("default", count=min(1000, expired - leased), lease_duration=0.001).tasks)
+    time.sleep(0.01)  # the short leases (1 ms, Redis clock) have expired
+    started = time.perf_counter()
+    recovered = 0
+    while recovered < expired:
+        recovered += queue.recover("default", limit=1000).retried
+    elapsed = time.perf_counter() - started
+    assert bench.client.zcard(keys.active) == before
+    # The recovered tasks go, as promote's do, so the keyspace stays the same size.
+    retried = [keys.task(task_id.decode()) for task_id in bench.client.zrange(keys.retry, 0, -1)]
+    for i in range(0, len(retried), 10_000):
+        bench.client.unlink(*retried[i : i + 10_000])
+    bench.client.delete(keys.retry)
+    return elapsed / expired * 1e6
+
+
 def measure_growth(bench: PrivateRedis, report: Report, quick: bool) -> None:
     big = 300_000 if quick else 1_000_000
-    console.rule(f"Growth: cost per task with 10k and {big // 1000}k tasks waiting")
+    console.rule(f"Growth: cost per task with 10k and {big // 1000}k tasks waiting, scheduled or leased")
     # Both queues live side by side in one Redis and are measured in turns, so the ratio is the
     # cost of a queue's length (an O(n) command would show it a hundredfold), not the minute of
     # this shared machine, nor a keyspace outgrowing the CPU cache (that slows every command).
-    for label, measure in (("lease+ack", "lease"), ("promote", "promote")):
+    for label, measure, held in (("lease+ack", "lease", "waiting"), ("promote", "promote", "scheduled"),
+                                 ("recover", "recover", "leased")):  # fmt: skip
         prefixes = {size: f"grow-{uuid.uuid4().hex[:6]}" for size in (10_000, big)}
         queues = {size: qsync.new(bench.client, prefix=prefix) for size, prefix in prefixes.items()}
         samples: dict[int, list[float]] = {10_000: [], big: []}
         for size, queue in queues.items():
             if measure == "lease":
                 fill(queue, size)
-            else:
+            elif measure == "promote":
                 _schedule_far(queue, size - 5000)
+            else:
+                _hold_leases(queue, size - 5000)
         for round_index in range(5):  # five samples each, the two sizes taking turns going first
             order = list(queues.items())
             for size, queue in order if round_index % 2 == 0 else order[::-1]:
@@ -561,13 +595,14 @@ def measure_growth(bench: PrivateRedis, report: Report, quick: bool) -> None:
                     samples[size].append(_lease_ack_us(queue, 3000))
                 else:
                     # Four batches of 5,000 a sample: one lasts about 15 ms, too short here.
-                    samples[size].append(statistics.fmean(_promote_us(bench, queue, 5000) for _ in range(4)))
+                    sample = _promote_us if measure == "promote" else _recover_us
+                    samples[size].append(statistics.fmean(sample(bench, queue, 5000) for _ in range(4)))
         for prefix in prefixes.values():
             _delete_prefix(bench.client, prefix)
         small_us, big_us = _median(samples[10_000]), _median(samples[big])
-        report.add(Row("growth", f"{label} per task, 10k waiting", small_us, "µs"))
-        report.add(Row("growth", f"{label} per task, {big // 1000}k waiting", big_us, "µs",
-                       "10k waiting", small_us, "~1.0x"))  # fmt: skip
+        report.add(Row("growth", f"{label} per task, 10k {held}", small_us, "µs"))
+        report.add(Row("growth", f"{label} per task, {big // 1000}k {held}", big_us, "µs",
+                       f"10k {held}", small_us, "~1.0x"))  # fmt: skip
 
 
 def _delete_prefix(client: redis.Redis, prefix: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,64 @@ def test_recover_nothing_expired(benchmark: Any, queue: qsync.Queue) -> None:
     queue.enqueue_many(_tasks(1000))
     queue.lease("default", count=1000, lease_duration=3600)
     benchmark.pedantic(queue.recover, args=("default",), rounds=1000)
+
+
+def test_promote_1000_due(benchmark: Any, queue: qsync.Queue) -> None:
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        queue.enqueue_many([qsync.Task("bench:noop", b"x", delay=0.001) for _ in range(1000)])
+        time.sleep(0.002)  # they are due (1 ms ahead, Redis clock)
+        return ("default",), {}
+
+    benchmark.pedantic(queue.promote, setup=setup, rounds=50)
+
+
+def test_recover_1000_expired(benchmark: Any, queue: qsync.Queue) -> None:
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        queue.enqueue_many(_tasks(1000))
+        queue.lease("default", count=1000, lease_duration=0.001)
+        time.sleep(0.002)  # the leases have expired
+        return ("default",), {}
+
+    benchmark.pedantic(queue.recover, setup=setup, rounds=50)
+
+
+def test_requeue_100(benchmark: Any, queue: qsync.Queue) -> None:
+    queue.enqueue_many(_tasks(100))
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return ("default", queue.lease("default", count=100).tasks), {}
+
+    benchmark.pedantic(queue.requeue, setup=setup, rounds=150)
+
+
+def test_trim_100_completed(benchmark: Any, queue: qsync.Queue) -> None:
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        queue.enqueue_many([qsync.Task("bench:noop", b"x", retention=0.001) for _ in range(100)])
+        queue.ack("default", queue.lease("default", count=100).tasks)
+        time.sleep(0.002)  # their retention has ended
+        return ("default",), {}
+
+    benchmark.pedantic(queue.trim, setup=setup, rounds=150)
+
+
+def test_info_one(benchmark: Any, queue: qsync.Queue) -> None:
+    task_id = queue.enqueue(_tasks(1)[0]).id
+    benchmark.pedantic(queue.info, args=(task_id,), rounds=2000)
+
+
+def test_resume(benchmark: Any, queue: qsync.Queue) -> None:
+    queue.enqueue_many(_tasks(10))
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        queue.pause("default")
+        return ("default",), {}
+
+    benchmark.pedantic(queue.resume, setup=setup, rounds=1000)
+
+
+def test_unblock(benchmark: Any, queue: qsync.Queue) -> None:
+    call = _ops.unblock(queue.keys("default"), "bench-listener")
+    benchmark.pedantic(queue.run_calls, args=([call],), rounds=1000)
 
 
 # --- the sans-I/O core ----------------------------------------------------------------------------
