@@ -49,6 +49,7 @@ from rich.table import Table
 
 import qsync
 from qsync import _ops
+from qsync._keys import QueueKeys
 from qsync._scripts import script
 
 HERE = Path(__file__).resolve().parent
@@ -529,31 +530,33 @@ def _promote_us(bench: PrivateRedis, queue: qsync.Queue, due: int) -> float:
         moved += queue.promote("default", limit=1000).promoted
     elapsed = time.perf_counter() - started
     assert bench.client.zcard(keys.scheduled) == before
-    # The promoted tasks go, so the keyspace (whose size every task lookup feels) stays the same
-    # from one sample to the next.
-    promoted = [keys.task(task_id.decode()) for task_id in bench.client.lrange(keys.pending, 0, -1)]
-    for i in range(0, len(promoted), 10_000):
-        bench.client.unlink(*promoted[i : i + 10_000])
-    bench.client.delete(keys.pending)
+    _forget(bench.client, keys, keys.pending, bench.client.lrange(keys.pending, 0, -1))
     return elapsed / due * 1e6
 
 
-def _hold_leases(queue: qsync.Queue, count: int) -> None:
-    """``count`` tasks leased for an hour: the live leases recover must not walk."""
+def _forget(client: redis.Redis, keys: QueueKeys, container: str, task_ids: list[Any]) -> None:
+    """Delete measured tasks and the key that holds them, so the keyspace (whose size every task
+    lookup feels) stays the same from one sample to the next."""
+    hashes = [keys.task(task_id.decode()) for task_id in task_ids]
+    for i in range(0, len(hashes), 10_000):
+        client.unlink(*hashes[i : i + 10_000])
+    client.delete(container)
+
+
+def _lease_all(queue: qsync.Queue, count: int, lease_duration: float) -> None:
+    """Enqueue ``count`` tasks and lease them all (the queue's pending list holds no others)."""
     fill(queue, count)
-    held = 0
-    while held < count:
-        held += len(queue.lease("default", count=min(1000, count - held), lease_duration=3600).tasks)
+    leased = 0
+    while leased < count:
+        batch = queue.lease("default", count=min(1000, count - leased), lease_duration=lease_duration)
+        leased += len(batch.tasks)
 
 
 def _recover_us(bench: PrivateRedis, queue: qsync.Queue, expired: int) -> float:
     """Microseconds per task to recover ``expired`` leases that expire among the live ones."""
     keys = queue.keys("default")
     before = int(bench.client.zcard(keys.active))
-    fill(queue, expired)
-    leased = 0
-    while leased < expired:
-        leased += len(queue.lease("default", count=min(1000, expired - leased), lease_duration=0.001).tasks)
+    _lease_all(queue, expired, lease_duration=0.001)
     time.sleep(0.01)  # the short leases (1 ms, Redis clock) have expired
     started = time.perf_counter()
     recovered = 0
@@ -561,11 +564,7 @@ def _recover_us(bench: PrivateRedis, queue: qsync.Queue, expired: int) -> float:
         recovered += queue.recover("default", limit=1000).retried
     elapsed = time.perf_counter() - started
     assert bench.client.zcard(keys.active) == before
-    # The recovered tasks go, as promote's do, so the keyspace stays the same size.
-    retried = [keys.task(task_id.decode()) for task_id in bench.client.zrange(keys.retry, 0, -1)]
-    for i in range(0, len(retried), 10_000):
-        bench.client.unlink(*retried[i : i + 10_000])
-    bench.client.delete(keys.retry)
+    _forget(bench.client, keys, keys.retry, bench.client.zrange(keys.retry, 0, -1))
     return elapsed / expired * 1e6
 
 
@@ -586,7 +585,7 @@ def measure_growth(bench: PrivateRedis, report: Report, quick: bool) -> None:
             elif measure == "promote":
                 _schedule_far(queue, size - 5000)
             else:
-                _hold_leases(queue, size - 5000)
+                _lease_all(queue, size - 5000, lease_duration=3600)  # live leases recover must not walk
         for round_index in range(5):  # five samples each, the two sizes taking turns going first
             order = list(queues.items())
             for size, queue in order if round_index % 2 == 0 else order[::-1]:
