@@ -51,7 +51,8 @@ async def main(url: str, prefix: str) -> None:
     print("ready", flush=True)
     while True:
         call = _ops.lease(keys, LEASE_BATCH, LEASE_MS)
-        replies = await listen.roundtrip(Exchange([("BRPOP", keys.wake, 5), call.command()], keys.wake))
+        # Blocks 1 s at most: well inside the connection's socket timeout (redis-py's default, 5 s).
+        replies = await listen.roundtrip(Exchange([("BRPOP", keys.wake, 1), call.command()], keys.wake))
         batch = call.decode(replies[1])
         for task in batch.tasks:
             loop.create_task(probe(task))

@@ -2,18 +2,20 @@
 
 It starts its own redis-server (never a Redis it did not start), then measures:
 
-- the Redis ceiling: ``redis-benchmark`` with plain LPUSH/RPOP and with qsync's enqueue script
-  (EVALSHA), at ``-P 1`` and ``-P 16``;
+- the Redis ceiling: ``redis-benchmark`` with plain LPUSH/RPOP and with qsync's enqueue and lease
+  scripts (EVALSHA), at ``-P 1`` and ``-P 16``;
 - enqueue: single ``Queue.enqueue`` against ``redis-benchmark -c 1 -P 1`` with the same script
   (runs alternated, so both see the same minute of the machine), and ``enqueue_many``
   against a bare loop sending the same pre-built 1,000-task script calls;
 - drain: the full worker server (1 and 2 processes, no-op async handler) against a bare asyncio
   loop that only leases, runs a no-op coroutine and acks (``bare_loop.py``), and Redis CPU per
   task (the three drained in turns);
-- latency from ``enqueue`` to handler start, idle and under a 5,000 tasks/s background load,
-  against a floor process that makes only the same hops (``latency_floor.py``; the floor and
-  the server probed in turns);
-- memory per pending task in Redis (beyond its payload) and worker RSS growth;
+- latency from ``enqueue`` to handler start, idle (probes ~50 ms apart, so the machine's cores
+  go idle too), warm (2 ms apart) and under a 5,000 tasks/s background load, against a floor
+  process that makes only the same hops (``latency_floor.py``; the floor and the server probed
+  in turns);
+- memory per pending task in Redis (beyond its payload; each payload size in a fresh Redis) and
+  worker RSS growth;
 - growth: lease+ack, promote and recover cost per task with 10k and with 1M tasks waiting,
   scheduled or leased (both queues side by side in one Redis, measured in turns).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -230,6 +233,14 @@ def fill(queue: qsync.Queue, count: int, name: str = "default") -> None:
         queue.enqueue_many(_tasks(min(10_000, count - start)), queue=name)
 
 
+def _check_succeeded(client: redis.Redis, queue: qsync.Queue, name: str = "default") -> None:
+    """Every task drained succeeded: none waits for a retry, none was archived."""
+    keys = queue.keys(name)
+    for key in (keys.retry, keys.archived, keys.scheduled):
+        if client.zcard(key):
+            raise SystemExit(f"bench: {key} holds tasks after a drain: the no-op handler failed")
+
+
 def drained(client: redis.Redis, queue: qsync.Queue, name: str = "default") -> bool:
     keys = queue.keys(name)
     pipe = client.pipeline(transaction=False)
@@ -277,6 +288,19 @@ def measure_ceiling(bench: PrivateRedis, report: Report, quick: bool) -> None:
         for pipeline in (1, 16):
             runs = [redis_benchmark(bench, *command, pipeline=pipeline, requests=n) for _ in range(3)]
             report.add(Row("ceiling", f"{label} -P {pipeline}", _median(runs), "req/s"))
+    # The lease script, one task per call, each run on a queue filled with a task per request.
+    lease_n = n // 4
+    bench.client.script_load(script("lease").source)
+    lease = [
+        a.decode() if isinstance(a, bytes) else str(a)
+        for a in _ops.lease(queue.keys("lease"), 1, 60_000).command()
+    ]
+    for pipeline in (1, 16):
+        runs = []
+        for _ in range(3):
+            fill(queue, lease_n, name="lease")
+            runs.append(redis_benchmark(bench, *lease, pipeline=pipeline, requests=lease_n))
+        report.add(Row("ceiling", f"EVALSHA lease (1 task) -P {pipeline}", _median(runs), "req/s"))
     _delete_prefix(bench.client, "ceiling")
     bench.client.delete("ceiling:list")
 
@@ -291,20 +315,23 @@ def measure_enqueue(bench: PrivateRedis, report: Report, quick: bool) -> None:
     # sides of the ratio see the same minute of this shared machine (its speed swings by a
     # third within minutes).
     evalsha = enqueue_command(queue)
-    samples, ceilings = [], []
+    samples, ceilings, redis_us = [], [], []
+    payload = b"x" * 16
     for _ in range(5):
         ceilings.append(redis_benchmark(bench, *evalsha, pipeline=1, requests=single_n))
-        tasks = _tasks(single_n)
+        cpu_before = _redis_cpu(bench.client)
         started = time.perf_counter()
-        for task in tasks:
-            queue.enqueue(task)
+        for _ in range(single_n):  # building each Task is part of what a producer pays
+            queue.enqueue(qsync.Task("bench:noop", payload))
         samples.append(single_n / (time.perf_counter() - started))
+        redis_us.append((_redis_cpu(bench.client) - cpu_before) / single_n * 1e6)
     report.add(Row("enqueue", "enqueue (single)", _median(samples), "tasks/s",
                    "redis-benchmark EVALSHA -P 1 (alternated)", _median(ceilings), ">= 0.60x"))  # fmt: skip
+    report.add(Row("enqueue", "  Redis CPU per task (single)", _median(redis_us), "µs"))
     _delete_prefix(bench.client, prefix)
 
     batch_n = 50_000 if quick else 100_000
-    bare, full = [], []
+    bare, full, redis_us = [], [], []
     for _ in range(3):
         tasks = _tasks(batch_n)
         # The issue's baseline: 1,000-task script calls, one round trip each, nothing else.
@@ -316,33 +343,54 @@ def measure_enqueue(bench: PrivateRedis, report: Report, quick: bool) -> None:
         for command in commands:
             bench.client.execute_command(*command)
         bare.append(batch_n / (time.perf_counter() - started))
-        tasks = _tasks(batch_n)
+        cpu_before = _redis_cpu(bench.client)
         started = time.perf_counter()
-        for i in range(0, batch_n, 1000):
-            queue.enqueue_many(tasks[i : i + 1000])
+        for _ in range(0, batch_n, 1000):  # the Tasks built in the timed loop, as a producer does
+            queue.enqueue_many(_tasks(1000))
         full.append(batch_n / (time.perf_counter() - started))
+        redis_us.append((_redis_cpu(bench.client) - cpu_before) / batch_n * 1e6)
         _delete_prefix(bench.client, prefix)
     report.add(Row("enqueue", "enqueue_many (1,000 per call)", _median(full), "tasks/s",
                    "bare loop of the same script calls", _median(bare), ">= 70,000/s"))  # fmt: skip
+    report.add(Row("enqueue", "  Redis CPU per task (enqueue_many)", _median(redis_us), "µs"))
 
 
-def measure_memory(bench: PrivateRedis, report: Report, quick: bool) -> None:
+def _memory_per_task(payload: int, n: int, listpack_value: int | None = None) -> tuple[float, int]:
+    """Bytes per pending task beyond its payload (``used_memory`` over ``n`` tasks) and the
+    task hash's ``MEMORY USAGE`` beyond it, in a Redis of its own: the keyspace's table grows
+    from empty, as it does for a real queue, and is counted."""
+    node = PrivateRedis()
+    try:
+        if listpack_value is not None:
+            node.client.config_set("hash-max-listpack-value", listpack_value)
+        queue = qsync.new(node.client, prefix="mem")
+        queue.enqueue(qsync.Task("bench:noop", b"x" * payload))  # the queue's own keys exist first
+        before = int(node.client.info("memory")["used_memory"])
+        for start in range(0, n, 10_000):
+            queue.enqueue_many(_tasks(min(10_000, n - start), b"x" * payload))
+        after = int(node.client.info("memory")["used_memory"])
+        keys = queue.keys("default")
+        sample_id = node.client.lindex(keys.pending, 0)
+        assert sample_id is not None
+        hash_usage = int(node.client.memory_usage(keys.task(sample_id.decode())) or 0)
+        return (after - before) / n - payload, hash_usage - payload
+    finally:
+        node.close()
+
+
+def measure_memory(report: Report, quick: bool) -> None:
     console.rule("Redis memory per pending task")
-    prefix = f"mem-{uuid.uuid4().hex[:6]}"
-    queue = qsync.new(bench.client, prefix=prefix)
-    n, payload = (20_000 if quick else 100_000), 16
-    queue.enqueue(qsync.Task("bench:noop", b"x" * payload))  # the queue's own keys exist first
-    before = int(bench.client.info("memory")["used_memory"])
-    fill(queue, n)
-    after = int(bench.client.info("memory")["used_memory"])
-    keys = queue.keys("default")
-    sample_id = bench.client.lindex(keys.pending, 0)
-    assert sample_id is not None
-    hash_usage = int(bench.client.memory_usage(keys.task(sample_id.decode())) or 0)
-    report.add(Row("cost", "Redis memory per pending task beyond payload", (after - before) / n - payload,
-                   "bytes", target="<= 250"))  # fmt: skip
-    report.add(Row("cost", "  of which the task hash (MEMORY USAGE)", hash_usage - payload, "bytes"))
-    _delete_prefix(bench.client, prefix)
+    n = 20_000 if quick else 100_000
+    per_task, hash_usage = _memory_per_task(16, n)
+    name = "Redis memory per pending task beyond payload (16-byte payloads)"
+    report.add(Row("cost", name, per_task, "bytes", target="<= 250"))
+    report.add(Row("cost", "  of which the task hash (MEMORY USAGE)", hash_usage, "bytes"))
+    # Redis keeps a hash compact (a listpack) while every value is at most hash-max-listpack-value
+    # bytes (64 by default); a larger payload turns the task into a full hash table.
+    for payload, listpack_value in ((64, None), (1024, None), (1024, 2048)):
+        setting = "" if listpack_value is None else f", hash-max-listpack-value {listpack_value}"
+        per_task, _ = _memory_per_task(payload, n, listpack_value)
+        report.add(Row("cost", f"  the same with {payload}-byte payloads{setting}", per_task, "bytes"))
 
 
 def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
@@ -356,15 +404,17 @@ def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
     rates: dict[int, list[float]] = {1: [], 2: []}
     cpu_per_task: dict[int, list[float]] = {1: [], 2: []}
     worker_cpu_per_task: dict[int, list[float]] = {1: [], 2: []}
+    bare_cpu_per_task: list[float] = []
     for round_index in range(2 if quick else 5):
         fill(queue, n)
         out = subprocess.run(
             [sys.executable, str(HERE / "bare_loop.py"), bench.url, prefix, "default", "500"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        done, elapsed = out.split()
+        done, elapsed, cpu = out.split()
         assert int(done) == n, f"the bare loop acked {done} of {n}"
         bare.append(n / float(elapsed))
+        bare_cpu_per_task.append(float(cpu) / n * 1e6)
         # One process first in even rounds, two first in odd ones: neither always runs later.
         for processes in (1, 2) if round_index % 2 == 0 else (2, 1):
             fill(queue, n)
@@ -377,9 +427,11 @@ def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
                 rates[processes].append(n / (time.perf_counter() - started))
                 cpu_per_task[processes].append((_redis_cpu(bench.client) - cpu_before) / n * 1e6)
                 worker_cpu_per_task[processes].append((_process_cpu(pids) - worker_cpu_before) / n * 1e6)
+            _check_succeeded(bench.client, queue)
     bare_rate = _median(bare)
     report.add(Row("drain", "bare asyncio loop (lease 500, no-op, ack)", bare_rate, "tasks/s",
                    samples=tuple(bare)))  # fmt: skip
+    report.add(Row("drain", "  its CPU per task", _median(bare_cpu_per_task), "µs"))
     one = _median(rates[1])
     report.add(Row("drain", "server, 1 worker process (concurrency 500)", one, "tasks/s",
                    "bare loop", bare_rate, ">= 30,000/s and >= 0.67x", tuple(rates[1])))  # fmt: skip
@@ -394,10 +446,16 @@ def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:
     _delete_prefix(bench.client, prefix)
 
 
-def _latencies(bench: PrivateRedis, probed: list[tuple[qsync.Queue, str]], rounds: int) -> list[list[float]]:
+def _latencies(
+    bench: PrivateRedis,
+    probed: list[tuple[qsync.Queue, str]],
+    rounds: int,
+    gap_s: tuple[float, float] = (0.002, 0.002),
+) -> list[list[float]]:
     """Enqueue-to-handler-start latencies in ms, one list per ``(queue, prefix)`` of ``probed``:
     each round probes each of them in turn, one probe in flight at a time (the others idle),
-    so every process measured sees the same minutes of this machine."""
+    so every process measured sees the same minutes of this machine. Between probes the
+    producer waits a random time in ``gap_s`` (seconds)."""
     keys = ["{" + prefix + ":bench}:latency" for _, prefix in probed]
     bench.client.delete(*keys)
     out: list[list[float]] = [[] for _ in probed]
@@ -408,7 +466,7 @@ def _latencies(bench: PrivateRedis, probed: list[tuple[qsync.Queue, str]], round
             if reply is None:
                 raise SystemExit("bench: a probe task was not picked up within 10 s")
             samples.append(float(reply[1]) * 1000)
-            time.sleep(0.002)  # let the worker go idle again
+            time.sleep(random.uniform(*gap_s))  # let the worker go idle again
     return out
 
 
@@ -435,21 +493,31 @@ def floor_worker(bench: PrivateRedis, prefix: str) -> Iterator[None]:
 
 def measure_latency(bench: PrivateRedis, report: Report, quick: bool) -> None:
     console.rule("Latency: enqueue to handler start (one worker process)")
-    probes = 200 if quick else 1000
+    probes, idle_probes = (200, 60) if quick else (1000, 300)
     floor_prefix, prefix = f"floor-{uuid.uuid4().hex[:6]}", f"lat-{uuid.uuid4().hex[:6]}"
     floor_queue, queue = qsync.new(bench.client, prefix=floor_prefix), qsync.new(bench.client, prefix=prefix)
     with workers(bench, prefix, 1, concurrency=100):
         # The floor and the server probed in turns: in sequence, the machine's drift between
         # the two halves would read as the server's cost.
         with floor_worker(bench, floor_prefix):
-            _latencies(bench, [(floor_queue, floor_prefix), (queue, prefix)], 20)  # warm up
-            floor, idle = _latencies(bench, [(floor_queue, floor_prefix), (queue, prefix)], probes)
+            pair = [(floor_queue, floor_prefix), (queue, prefix)]
+            _latencies(bench, pair, 20)  # warm up
+            # Probes 2 ms apart keep this machine's cores awake between them ("warm"); about
+            # 50 ms apart (jittered) they go idle, as they do while a worker waits for work, and
+            # waking them costs more: that is the idle figure.
+            warm_floor, warm = _latencies(bench, pair, probes)
+            idle_floor, idle = _latencies(bench, pair, idle_probes, gap_s=(0.04, 0.06))
         _delete_prefix(bench.client, floor_prefix)
-        floor_p50, floor_p99 = _percentile(floor, 0.5), _percentile(floor, 0.99)
-        report.add(Row("latency", "idle p50 floor (BRPOP + lease behind it, coroutine)", floor_p50, "ms"))
-        report.add(Row("latency", "idle p99 floor (BRPOP + lease behind it, coroutine)", floor_p99, "ms"))
-        report.add(Row("latency", "idle p50", _percentile(idle, 0.5), "ms", "floor", floor_p50, "<= 0.5"))
-        report.add(Row("latency", "idle p99", _percentile(idle, 0.99), "ms", "floor", floor_p99, "<= 2"))
+        for label, floor, server, targets in (
+            ("warm (probes 2 ms apart)", warm_floor, warm, ("", "")),
+            ("idle (probes ~50 ms apart)", idle_floor, idle, ("<= 0.5", "<= 2")),
+        ):
+            for q, target in zip((0.5, 0.99), targets, strict=True):
+                name, floor_q = f"{label} p{round(q * 100)}", _percentile(floor, q)
+                report.add(
+                    Row("latency", f"{name} floor (BRPOP + lease behind it, coroutine)", floor_q, "ms")
+                )
+                report.add(Row("latency", name, _percentile(server, q), "ms", "floor", floor_q, target))
 
         stop = threading.Event()
         sent = [0]
@@ -650,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         if "enqueue" in sections:
             measure_enqueue(bench, report, args.quick)
         if "memory" in sections:
-            measure_memory(bench, report, args.quick)
+            measure_memory(report, args.quick)
         if "drain" in sections:
             measure_drain(bench, report, args.quick)
         if "latency" in sections:
@@ -662,8 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
     RESULTS.mkdir(exist_ok=True)
-    runs = sorted(RESULTS.glob("run-*.json"))
-    previous = json.loads(runs[-1].read_text()) if runs else None
+    # The latest earlier run of the same kind (a --quick run measures smaller samples).
+    earlier = (json.loads(path.read_text()) for path in sorted(RESULTS.glob("run-*.json"), reverse=True))
+    previous = next((run for run in earlier if run.get("quick") == args.quick), None)
     print_table(report, previous)
     record = {
         "started": started, "seconds": time.time() - started, "quick": args.quick,
