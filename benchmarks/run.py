@@ -387,7 +387,8 @@ def measure_memory(report: Report, quick: bool) -> None:
     report.add(Row("cost", "  of which the task hash (MEMORY USAGE)", hash_usage, "bytes"))
     # Redis keeps a hash compact (a listpack) while every value is at most hash-max-listpack-value
     # bytes (64 by default); a larger payload turns the task into a full hash table.
-    for payload, listpack_value in ((64, None), (1024, None), (1024, 2048)):
+    sizes = ((64, None), (200, None), (200, 256), (512, 1024), (1024, None), (1024, 2048))
+    for payload, listpack_value in sizes:
         setting = "" if listpack_value is None else f", hash-max-listpack-value {listpack_value}"
         per_task, _ = _memory_per_task(payload, n, listpack_value)
         report.add(Row("cost", f"  the same with {payload}-byte payloads{setting}", per_task, "bytes"))
