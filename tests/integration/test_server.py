@@ -295,6 +295,22 @@ def test_one_callable_handles_every_type(worker: Worker) -> None:
     assert sorted(calls.items) == ["a", "anything", "b:c"]
 
 
+def test_an_async_handler_runs_in_its_own_asyncio_task_named_after_the_task(worker: Worker) -> None:
+    """Each attempt has an asyncio task of its own (so asyncio.timeout and contextvars work in
+    handlers), and asyncio.all_tasks() shows which qsync task each one runs."""
+    calls = Calls()
+
+    async def handler(ctx: Context, task: LeasedTask) -> None:
+        runner = asyncio.current_task()
+        assert runner is not None
+        calls.add((task.id, runner.get_name()))
+
+    ids = [worker.queue.enqueue(Task("named")).id for _ in range(3)]
+    worker.start(handler)
+    calls.wait(lambda items: len(items) == 3, "three tasks")
+    assert sorted(calls.items) == sorted((task_id, task_id) for task_id in ids)
+
+
 def test_a_concurrency_above_one_lease_call_still_leases(sync_worker: Worker) -> None:
     """lease.lua takes at most 1,000 tasks per call; a server may run more at once (every
     lease round of a 1,500-slot server used to be refused, so it ran nothing)."""
