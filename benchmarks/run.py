@@ -227,10 +227,10 @@ def _tasks(count: int, payload: bytes = b"x" * 16, kind: str = "bench:noop") -> 
     return [qsync.Task(kind, payload) for _ in range(count)]
 
 
-def fill(queue: qsync.Queue, count: int, name: str = "default") -> None:
+def fill(queue: qsync.Queue, count: int, name: str = "default", payload: bytes = b"x" * 16) -> None:
     """Enqueue ``count`` no-op tasks in 10,000-task calls."""
     for start in range(0, count, 10_000):
-        queue.enqueue_many(_tasks(min(10_000, count - start)), queue=name)
+        queue.enqueue_many(_tasks(min(10_000, count - start), payload), queue=name)
 
 
 def _check_succeeded(client: redis.Redis, queue: qsync.Queue, name: str = "default") -> None:
@@ -366,8 +366,7 @@ def _memory_per_task(payload: int, n: int, listpack_value: int | None = None) ->
         queue = qsync.new(node.client, prefix="mem")
         queue.enqueue(qsync.Task("bench:noop", b"x" * payload))  # the queue's own keys exist first
         before = int(node.client.info("memory")["used_memory"])
-        for start in range(0, n, 10_000):
-            queue.enqueue_many(_tasks(min(10_000, n - start), b"x" * payload))
+        fill(queue, n, payload=b"x" * payload)
         after = int(node.client.info("memory")["used_memory"])
         keys = queue.keys("default")
         sample_id = node.client.lindex(keys.pending, 0)
