@@ -592,14 +592,20 @@ def _promote_us(bench: PrivateRedis, queue: qsync.Queue, due: int) -> float:
     before = int(bench.client.zcard(keys.scheduled))
     queue.enqueue_many([qsync.Task("bench:noop", b"x" * 16, delay=0.001) for _ in range(due)])
     time.sleep(0.01)  # the due tasks' time (1 ms ahead, Redis clock) has passed
-    started = time.perf_counter()
-    moved = 0
-    while moved < due:
-        moved += queue.promote("default", limit=1000).promoted
-    elapsed = time.perf_counter() - started
+    elapsed = _seconds_to_move(due, lambda: queue.promote("default", limit=1000).promoted)
     assert bench.client.zcard(keys.scheduled) == before
     _forget(bench.client, keys, keys.pending, bench.client.lrange(keys.pending, 0, -1))
     return elapsed / due * 1e6
+
+
+def _seconds_to_move(count: int, sweep: Callable[[], int]) -> float:
+    """Seconds that repeated ``sweep`` calls (each returning how many tasks it moved) take to
+    move ``count`` tasks."""
+    started = time.perf_counter()
+    moved = 0
+    while moved < count:
+        moved += sweep()
+    return time.perf_counter() - started
 
 
 def _forget(client: redis.Redis, keys: QueueKeys, container: str, task_ids: list[Any]) -> None:
@@ -626,11 +632,7 @@ def _recover_us(bench: PrivateRedis, queue: qsync.Queue, expired: int) -> float:
     before = int(bench.client.zcard(keys.active))
     _lease_all(queue, expired, lease_duration=0.001)
     time.sleep(0.01)  # the short leases (1 ms, Redis clock) have expired
-    started = time.perf_counter()
-    recovered = 0
-    while recovered < expired:
-        recovered += queue.recover("default", limit=1000).retried
-    elapsed = time.perf_counter() - started
+    elapsed = _seconds_to_move(expired, lambda: queue.recover("default", limit=1000).retried)
     assert bench.client.zcard(keys.active) == before
     _forget(bench.client, keys, keys.retry, bench.client.zrange(keys.retry, 0, -1))
     return elapsed / expired * 1e6
