@@ -14,8 +14,8 @@ It starts its own redis-server (never a Redis it did not start), then measures:
   go idle too), warm (2 ms apart) and under a 5,000 tasks/s background load, against a floor
   process that makes only the same hops (``latency_floor.py``; the floor and the server probed
   in turns);
-- memory per pending task in Redis (beyond its payload; each payload size in a fresh Redis) and
-  worker RSS growth;
+- memory per pending task in Redis (beyond its payload) and Redis CPU per task over its life
+  (enqueue, lease, ack), by payload size, each size in a fresh Redis; worker RSS growth;
 - growth: lease+ack, promote and recover cost per task with 10k and with 1M tasks waiting,
   scheduled or leased (both queues side by side in one Redis, measured in turns).
 
@@ -355,42 +355,56 @@ def measure_enqueue(bench: PrivateRedis, report: Report, quick: bool) -> None:
     report.add(Row("enqueue", "  Redis CPU per task (enqueue_many)", _median(redis_us), "µs"))
 
 
-def _memory_per_task(payload: int, n: int, listpack_value: int | None = None) -> tuple[float, int]:
-    """Bytes per pending task beyond its payload (``used_memory`` over ``n`` tasks) and the
-    task hash's ``MEMORY USAGE`` beyond it, in a Redis of its own: the keyspace's table grows
-    from empty, as it does for a real queue, and is counted."""
+@dataclass
+class PayloadCost:
+    """What one pending task of a payload size costs Redis, from one sample in a fresh Redis."""
+
+    memory: float  # bytes per pending task beyond its payload (used_memory over the sample)
+    hash_usage: int  # one task hash's MEMORY USAGE beyond its payload
+    cpu_us: float  # Redis CPU per task to enqueue it (in batches), lease it and ack it
+
+
+def _payload_cost(payload: int, n: int) -> PayloadCost:
+    """Fill a Redis of its own with ``n`` pending tasks (so the keyspace's table grows from
+    empty, as it does for a real queue, and is counted), then lease and ack them all."""
     node = PrivateRedis()
     try:
-        if listpack_value is not None:
-            node.client.config_set("hash-max-listpack-value", listpack_value)
         queue = qsync.new(node.client, prefix="mem")
         queue.enqueue(qsync.Task("bench:noop", b"x" * payload))  # the queue's own keys exist first
-        before = int(node.client.info("memory")["used_memory"])
+        queue.ack("default", queue.lease("default").tasks)
+        before, cpu_before = int(node.client.info("memory")["used_memory"]), _redis_cpu(node.client)
         fill(queue, n, payload=b"x" * payload)
         after = int(node.client.info("memory")["used_memory"])
         keys = queue.keys("default")
         sample_id = node.client.lindex(keys.pending, 0)
         assert sample_id is not None
         hash_usage = int(node.client.memory_usage(keys.task(sample_id.decode())) or 0)
-        return (after - before) / n - payload, hash_usage - payload
+        while batch := queue.lease("default", count=500).tasks:
+            assert all(queue.ack("default", batch))
+        cpu_us = (_redis_cpu(node.client) - cpu_before) / n * 1e6
+        return PayloadCost((after - before) / n - payload, hash_usage - payload, cpu_us)
     finally:
         node.close()
 
 
 def measure_memory(report: Report, quick: bool) -> None:
-    console.rule("Redis memory per pending task")
+    console.rule("Redis memory and CPU per task, by payload size")
     n = 20_000 if quick else 100_000
-    per_task, hash_usage = _memory_per_task(16, n)
+    small = _payload_cost(16, n)
     name = "Redis memory per pending task beyond payload (16-byte payloads)"
-    report.add(Row("cost", name, per_task, "bytes", target="<= 250"))
-    report.add(Row("cost", "  of which the task hash (MEMORY USAGE)", hash_usage, "bytes"))
-    # Redis keeps a hash compact (a listpack) while every value is at most hash-max-listpack-value
-    # bytes (64 by default); a larger payload turns the task into a full hash table.
-    sizes = ((64, None), (200, None), (200, 256), (512, 1024), (1024, None), (1024, 2048))
-    for payload, listpack_value in sizes:
-        setting = "" if listpack_value is None else f", hash-max-listpack-value {listpack_value}"
-        per_task, _ = _memory_per_task(payload, n, listpack_value)
-        report.add(Row("cost", f"  the same with {payload}-byte payloads{setting}", per_task, "bytes"))
+    report.add(Row("cost", name, small.memory, "bytes", target="<= 250"))
+    report.add(Row("cost", "  of which the task hash (MEMORY USAGE)", small.hash_usage, "bytes"))
+    # Up to 64 bytes a payload is one field of a compact hash (a listpack); from 65 to 512 it
+    # is kept in pieces of at most 63 (format 3, lua/lib/payload.lua), so the hash stays compact
+    # at some Redis CPU per piece; beyond that it is one field again and the hash a hash table.
+    costs = {size: _payload_cost(size, n) for size in (64, 65, 200, 512, 513, 1024, 4096)}
+    for size, cost in costs.items():
+        report.add(Row("cost", f"  the same with {size}-byte payloads", cost.memory, "bytes"))
+    name = "Redis CPU per task, enqueue in batches + lease + ack (16-byte payloads)"
+    report.add(Row("cost", name, small.cpu_us, "µs"))
+    for size, cost in costs.items():
+        name = f"  the same with {size}-byte payloads"
+        report.add(Row("cost", name, cost.cpu_us, "µs", "16-byte payloads", small.cpu_us))
 
 
 def measure_drain(bench: PrivateRedis, report: Report, quick: bool) -> None:

@@ -40,8 +40,13 @@ def queue(server: RedisServer) -> Iterator[qsync.Queue]:
     client.close()
 
 
-def _tasks(n: int) -> list[qsync.Task]:
-    return [qsync.Task("bench:noop", b"x" * 16) for _ in range(n)]
+def _tasks(n: int, payload_bytes: int = 16) -> list[qsync.Task]:
+    return [qsync.Task("bench:noop", b"x" * payload_bytes) for _ in range(n)]
+
+
+# 16: one field of a compact hash; 200: in pieces (format 3, lua/lib/payload.lua); 513: one
+# field of a full hash table.
+PAYLOAD_SIZES = pytest.mark.parametrize("payload_bytes", [16, 200, 513])
 
 
 # --- script calls on real Redis -----------------------------------------------------------------
@@ -51,12 +56,14 @@ def test_enqueue_one(benchmark: Any, queue: qsync.Queue) -> None:
     benchmark.pedantic(queue.enqueue, setup=lambda: ((_tasks(1)[0],), {}), rounds=2000)
 
 
-def test_enqueue_many_1000(benchmark: Any, queue: qsync.Queue) -> None:
-    benchmark.pedantic(queue.enqueue_many, setup=lambda: ((_tasks(1000),), {}), rounds=50)
+@PAYLOAD_SIZES
+def test_enqueue_many_1000(benchmark: Any, queue: qsync.Queue, payload_bytes: int) -> None:
+    benchmark.pedantic(queue.enqueue_many, setup=lambda: ((_tasks(1000, payload_bytes),), {}), rounds=50)
 
 
-def test_lease_100(benchmark: Any, queue: qsync.Queue) -> None:
-    queue.enqueue_many(_tasks(20_000))
+@PAYLOAD_SIZES
+def test_lease_100(benchmark: Any, queue: qsync.Queue, payload_bytes: int) -> None:
+    queue.enqueue_many(_tasks(20_000, payload_bytes))
     benchmark.pedantic(queue.lease, args=("default",), kwargs={"count": 100}, rounds=150)
 
 

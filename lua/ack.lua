@@ -50,7 +50,7 @@ for i = 1, #ids do
   if f and not f.err and f[1] == ARGV[2 * i] then
     held[id] = true  -- the same lease twice in one batch finishes once; the second is lost
     local retention, lock = 0, nil
-    if f[2] ~= "2" or (f[3] and f[3] ~= "1") then
+    if (f[2] ~= "2" and f[2] ~= "3") or (f[3] and f[3] ~= "1") then
       local o = rcall("HMGET", task_key, "retention", "unique")
       retention, lock = o[1] and tonumber(o[1]) or 0, o[2]
     end

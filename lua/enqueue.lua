@@ -7,7 +7,7 @@
   KEYS[3] -> {<prefix>:<queue>}:wake         list, wake-up token for idle workers (lib/wake)
   KEYS[4] -> {<prefix>:<queue>}:completed    zset, retained finished ids (a reused id leaves it)
   KEYS[5..] -> per task, in task order:
-               {<prefix>:<queue>}:t:<id>     hash, the task
+               {<prefix>:<queue>}:t:<id>     hash, the task (format 3 for a payload in pieces)
                {<prefix>:<queue>}:u:<key>    string, its unique lock (only when its profile has a TTL)
 
   ARGV[1] -> n, the number of tasks
@@ -33,12 +33,15 @@
 
   State change: (none) -> pending, or (none) -> scheduled; a wake-up token when any went pending. Every task is checked before it is
   written; an item that is refused writes nothing. Items are independent (per-item results).
+  A payload of 65 to 512 bytes is stored in pieces (format 3, lib/payload), so the hash stays
+  a compact listpack; any other task is format 2.
   Invariants: a new id is in exactly one of pending/scheduled and its hash state names it;
   a unique lock exists only with the id of a live task.
 ]]
 -- @include "lib/now"
 -- @include "lib/types"
 -- @include "lib/wake"
+-- @include "lib/payload"
 local rcall = redis.call
 local pending_key = KEYS[1]
 local scheduled_key = KEYS[2]
@@ -130,8 +133,17 @@ for _ = 1, n do
 
   if code == 1 then
     local state = profile.state
-    rcall("HSET", task_key, "v", "2", "t", profile.type, "p", ARGV[t + 2], "f", fingerprint,
-          "s", state, "m", profile.max_retry, "r", "0", "c", created, unpack(profile.options))
+    -- The pieces of a long payload (format 3) go last, after the fields lease and ack read.
+    local version, first_piece, pieces = payload_fields(ARGV[t + 2])
+    local extra = profile.options
+    if pieces then
+      extra = {unpack(profile.options)}
+      for i = 1, #pieces do
+        extra[#extra + 1] = pieces[i]
+      end
+    end
+    rcall("HSET", task_key, "v", version, "t", profile.type, "p", first_piece, "f", fingerprint,
+          "s", state, "m", profile.max_retry, "r", "0", "c", created, unpack(extra))
     if lock_key then
       rcall("SET", lock_key, id, "PX", profile.lock_ttl)
       rcall("HSET", task_key, "unique", lock_key)

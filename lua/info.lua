@@ -11,11 +11,14 @@
   Returns:
     {due_ms, field_1, value_1, ...}: the hash's fields; due_ms is the score in the zset its state
     names (next attempt or lease expiry), -1 when it has none. {} when the task does not exist.
+    A format-3 task's payload comes whole as "p", without its pieces (lib/payload); when a
+    piece is missing, every field comes as stored.
     {-5, key} when the task key holds another Redis type.
 
   State change: none.
 ]]
 -- @include "lib/types"
+-- @include "lib/payload"
 local task_key = KEYS[1]
 local t = key_type(task_key)
 if t == "none" then
@@ -33,8 +36,22 @@ if zsets[state] then
     due = tonumber(score)
   end
 end
+local whole = nil
+local format = redis.call("HMGET", task_key, "v", "p", "n")
+if format[1] == "3" then
+  whole = joined_payload(task_key, format[2], format[3])
+end
 local reply = {due}
-for i = 1, #fields do
-  reply[i + 1] = fields[i]
+for i = 1, #fields, 2 do
+  local name, value = fields[i], fields[i + 1]
+  if whole and name == "p" then
+    value = whole
+  elseif whole and (name == "n" or tonumber(name)) then
+    name = nil  -- a piece, already in the payload
+  end
+  if name then
+    reply[#reply + 1] = name
+    reply[#reply + 1] = value
+  end
 end
 return reply

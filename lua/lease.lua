@@ -22,6 +22,7 @@
   Returns:
     {now_ms, expires_ms, n_deadline, n_corrupt, n_orphan, then 8 fields per leased task:
      id, type, payload, retried, max_retry, timeout_ms, deadline_ms, retry_delay_ms}
+    (the payload whole: a format-3 task's pieces are joined here, lib/payload)
     (timeout/deadline 0 and retry_delay -1 when unset). A paused queue leases nothing.
     {-5, key} when a container key holds another Redis type; nothing written.
 
@@ -39,6 +40,7 @@
 -- @include "lib/types"
 -- @include "lib/archive"
 -- @include "lib/wake"
+-- @include "lib/payload"
 local rcall = redis.call
 local pending_key, active_key, archived_key, paused_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local task_prefix, wake_key = KEYS[5], KEYS[6]
@@ -68,8 +70,9 @@ for i = 1, #ids do
   -- pcall: a task key of another type reads as an error table, which counts as an orphan.
   -- The optional fields are not named here: each one a hash lacks costs a scan of the whole
   -- hash. They are read in a second call when "o" (lua/enqueue.lua) says a task has them, and
-  -- always for a task of format 1 (written before "o" existed).
-  local f = not seen[id] and redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m", "o")
+  -- always for a task of format 1 (written before "o" existed). "o" and "n" (the count of a
+  -- format-3 payload's pieces) are the exceptions: a small hash's scan costs less than a call.
+  local f = not seen[id] and redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m", "o", "n")
   seen[id] = true
   if not f or f.err or (not f[1] and not f[2] and not f[3] and rcall("EXISTS", task_key) == 0) then
     reply[5] = reply[5] + 1
@@ -79,8 +82,12 @@ for i = 1, #ids do
     rcall("LPUSH", pending_key, id)
   else
     local version, retried, max_retry, flags = tonumber(f[1]), tonumber(f[4]), tonumber(f[5]), f[6]
+    local payload = f[3]
+    if f[1] == "3" then
+      payload = joined_payload(task_key, payload, f[7])
+    end
     local timeout, deadline, retry_delay = 0, 0, -1
-    if f[1] ~= "2" or (flags and flags ~= "2") then
+    if (f[1] ~= "2" and f[1] ~= "3") or (flags and flags ~= "2") then
       local o = rcall("HMGET", task_key, "timeout", "deadline", "retry_delay")
       timeout, retry_delay = o[1] and tonumber(o[1]) or 0, o[3] and tonumber(o[3]) or -1
       if o[2] then
@@ -90,7 +97,7 @@ for i = 1, #ids do
     local missing = nil
     if not version then missing = "v (format version)"
     elseif not f[2] then missing = "t (type)"
-    elseif not f[3] then missing = "p (payload)"
+    elseif not payload then missing = "p (payload)"
     elseif not retried then missing = "r (retried)"
     elseif not max_retry then missing = "m (max_retry)"
     elseif not deadline then missing = "deadline"
@@ -109,7 +116,7 @@ for i = 1, #ids do
       local r = #reply
       reply[r + 1] = id
       reply[r + 2] = f[2]
-      reply[r + 3] = f[3]
+      reply[r + 3] = payload
       reply[r + 4] = retried
       reply[r + 5] = max_retry
       reply[r + 6] = timeout

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-TASK_FORMAT_VERSION = 2  # lua/README.md, task hash fields: 2 added "o"; lease reads 1 and 2
+# lua/README.md, task hash fields: 2 added "o", 3 a payload in pieces; lease reads 1 to 3
+TASK_FORMAT_VERSION = 3
 # Tasks per enqueue script call: small enough that the calls of one enqueue_many stream
 # (Redis runs one while the next is packed), large enough that a call's overhead is noise.
 ENQUEUE_CHUNK = 250

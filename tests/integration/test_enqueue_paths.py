@@ -38,11 +38,22 @@ _prefixes = itertools.count()
 # --- checks ----------------------------------------------------------------------------------
 
 
+def payload_fields(payload: bytes) -> dict[bytes, bytes]:
+    """How enqueue stores a payload (lua/lib/payload.lua): one field (format 2), or for 65 to
+    512 bytes pieces of at most 63 (format 3)."""
+    if len(payload) <= 64 or len(payload) > 512:
+        return {b"v": b"2", b"p": payload}
+    pieces = [payload[start : start + 63] for start in range(0, len(payload), 63)]
+    fields = {b"v": b"3", b"p": pieces[0], b"n": b"%d" % (len(pieces) - 1)}
+    fields.update({b"%d" % number: piece for number, piece in enumerate(pieces[1:], 1)})
+    return fields
+
+
 def expected_fields(queue: Any, task: Task) -> dict[bytes, bytes]:
     """The task hash fields enqueue writes for ``task`` (lua/README.md), but the creation time."""
     o = task.options
-    fields = {b"v": b"2", b"t": task.type.encode(), b"p": task.payload, b"f": task.fingerprint,
-              b"m": b"%d" % o.max_retry, b"r": b"0"}  # fmt: skip
+    fields = {b"t": task.type.encode(), b"f": task.fingerprint, b"m": b"%d" % o.max_retry, b"r": b"0",
+              **payload_fields(task.payload)}  # fmt: skip
     optional = {b"timeout": o.timeout_ms, b"deadline": o.deadline_ms, b"retention": o.retention_ms}
     fields.update({name: b"%d" % value for name, value in optional.items() if value})
     if o.retry_delay_ms != -1:

@@ -183,7 +183,7 @@ def build(task_id: str, spec: Spec, delay: float) -> qsync.Task | None:
 specs = st.builds(
     Spec,
     type=st.sampled_from(["a", "b"]),
-    payload=st.sampled_from([b"", b"x", b"\x00\xff"]),
+    payload=st.sampled_from([b"", b"x", b"\x00\xff", bytes(range(200))]),  # 200: format 3, in pieces
     retry=st.integers(0, 2),
     retention=st.sampled_from([None, SHORT, KEEP]),
     unique=st.sampled_from([None, "", "k0", "k1"]),

@@ -388,11 +388,13 @@ def test_ack_releases_each_lock_of_a_mixed_batch(benv: Env) -> None:
     assert benv.zids("completed") == ["u-2"]
 
 
+@pytest.mark.parametrize("payload", [b"x", b"y" * 200], ids=["format-2", "format-3"])
 @pytest.mark.parametrize("flags", ["1", "2", "3"])
-def test_lease_and_ack_read_only_the_options_o_names(benv: Env, flags: str) -> None:
+def test_lease_and_ack_read_only_the_options_o_names(benv: Env, flags: str, payload: bytes) -> None:
     # "o" says which options a task has (lua/README.md): lease reads timeout, deadline and
-    # retry_delay only for 1 and 3, ack reads retention and the lock only for 2 and 3.
-    first = qsync.Task("uniq", b"x", task_id="a", unique=60, retention=60, timeout=7, retry_delay=3)
+    # retry_delay only for 1 and 3, ack reads retention and the lock only for 2 and 3. A payload
+    # over 64 bytes makes the task format 3 (in pieces), which keeps "o" as format 2 does.
+    first = qsync.Task("uniq", payload, task_id="a", unique=60, retention=60, timeout=7, retry_delay=3)
     benv.enqueue(first)
     benv.r.hset(benv.k.task("a"), "o", flags)
     (leased,) = benv.lease()
