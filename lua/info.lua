@@ -38,7 +38,7 @@ if zsets[state] then
 end
 local whole = nil
 local format = redis.call("HMGET", task_key, "v", "p", "n")
-if format[1] == "3" then
+if tonumber(format[1]) == 3 then
   whole = joined_payload(task_key, format[2], format[3])
 end
 local reply = {due}

@@ -82,8 +82,11 @@ for i = 1, #ids do
     rcall("LPUSH", pending_key, id)
   else
     local version, retried, max_retry, flags = tonumber(f[1]), tonumber(f[4]), tonumber(f[5]), f[6]
+    if version ~= 1 and version ~= 2 and version ~= 3 then
+      version = nil  -- not a format this script reads (0, 2.5, nan): corrupt, never guessed at
+    end
     local payload = f[3]
-    if f[1] == "3" then
+    if version == 3 then
       payload = joined_payload(task_key, payload, f[7])
     end
     local timeout, deadline, retry_delay = 0, 0, -1

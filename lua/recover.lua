@@ -56,8 +56,9 @@ for _, id in ipairs(ids) do
     end
     rcall("HSET", task_key, "recoveries", recoveries, "failed_at", now)
     if recoveries >= max_recoveries then
+      -- At most 64 bytes, as every value qsync writes: a longer one turns the hash into a hash table.
       archive_task(task_key, id, archived_key, now,
-        "poison: lease expired " .. recoveries .. " times (the task may be killing its worker)", f[5])
+        "poison: lease expired " .. recoveries .. " times (it may be killing its worker)", f[5])
       n_archived = n_archived + 1
     elseif retried >= max_retry then
       archive_task(task_key, id, archived_key, now, "lease expired", f[5])

@@ -40,11 +40,11 @@ _prefixes = itertools.count()
 
 def payload_fields(payload: bytes) -> dict[bytes, bytes]:
     """How enqueue stores a payload (lua/lib/payload.lua): one field (format 2), or for 65 to
-    512 bytes pieces of at most 63 (format 3)."""
+    512 bytes pieces of at most 63 and its length as "n" (format 3)."""
     if len(payload) <= 64 or len(payload) > 512:
         return {b"v": b"2", b"p": payload}
     pieces = [payload[start : start + 63] for start in range(0, len(payload), 63)]
-    fields = {b"v": b"3", b"p": pieces[0], b"n": b"%d" % (len(pieces) - 1)}
+    fields = {b"v": b"3", b"p": pieces[0], b"n": b"%d" % len(payload)}
     fields.update({b"%d" % number: piece for number, piece in enumerate(pieces[1:], 1)})
     return fields
 
