@@ -131,6 +131,9 @@ class Report:
         self.rows: list[Row] = []
 
     def add(self, row: Row) -> Row:
+        # A row is matched with the previous run's by group and name.
+        if any((r.group, r.name) == (row.group, row.name) for r in self.rows):
+            raise ValueError(f"bench: two rows named {row.group}/{row.name!r}")
         self.rows.append(row)
         ratio = f"  ({row.ratio:.2f}x {row.ceiling_name})" if row.ratio is not None else ""
         console.print(f"  {row.name}: [bold]{_fmt(row.value)}[/] {row.unit}{ratio}")
@@ -403,7 +406,7 @@ def measure_memory(report: Report, quick: bool) -> None:
     name = "Redis CPU per task, enqueue in batches + lease + ack (16-byte payloads)"
     report.add(Row("cost", name, small.cpu_us, "µs"))
     for size, cost in costs.items():
-        name = f"  the same with {size}-byte payloads"
+        name = f"  Redis CPU per task with {size}-byte payloads"  # row names are unique: JSON keys
         report.add(Row("cost", name, cost.cpu_us, "µs", "16-byte payloads", small.cpu_us))
 
 
