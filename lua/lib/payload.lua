@@ -1,5 +1,5 @@
 -- Task format 3: a payload of 65 to 512 bytes is kept in pieces of at most 63 bytes. "p" holds
--- the first piece, the fields "1", "2", ... the rest, in order, after every other field, and
+-- the first piece, the fields "1", "2", ... the rest, in order, after the fields lease reads, and
 -- "n" the payload's length in bytes (which gives the number of pieces, and shows a hash whose
 -- pieces were changed by hand: it is archived as corrupt rather than leased cut).
 -- Why: Redis keeps a hash compact (a listpack) only while every value is at most
