@@ -13,7 +13,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-import redis
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis.stateful import rule, run_state_machine_as_test
 
@@ -21,15 +20,9 @@ import qsync
 from qsync import _ops
 from qsync.task import TaskState
 from tests.lua.test_properties import QueueMachine, index
-from tests.lua.test_scripts import Env, Q, _env, at, freeze, lock_of, task
+from tests.lua.test_scripts import Env, Q, at, freeze, lock_of, task
 
 __all__: list[str] = []
-
-
-@pytest.fixture
-def benv(backend: redis.Redis) -> Env:
-    """A queue on real Redis, then on fakeredis (as in test_scripts)."""
-    return _env(backend)
 
 
 def as_format_1(env: Env, task_id: str) -> None:

@@ -41,18 +41,6 @@ PIECE_BYTES, LONGEST_IN_PIECES = 63, 512
 CONTAINERS = ("pending", "active", "scheduled", "retry", "archived", "completed", "wake")
 
 
-@pytest.fixture
-def benv(backend: redis.Redis) -> Env:
-    """A queue on real Redis, then on fakeredis (as in test_scripts)."""
-    return _env(backend)
-
-
-@pytest.fixture
-def env(r: redis.Redis) -> Env:
-    """A queue on real Redis only."""
-    return _env(r)
-
-
 # --- the model: how a payload must be stored -------------------------------------------------
 
 

@@ -12,29 +12,16 @@ real Redis and on fakeredis (``benv``), except the encoding check, which only Re
 from __future__ import annotations
 
 import pytest
-import redis
 
 import qsync
 from qsync import _ops
 from qsync.errors import TaskIdConflict
 from qsync.task import TaskState
-from tests.lua.test_scripts import Env, Q, _env, task
+from tests.lua.test_scripts import Env, Q, task
 
 __all__: list[str] = []
 
 PIECE_BYTES, LONGEST_IN_PIECES = 63, 512
-
-
-@pytest.fixture
-def benv(backend: redis.Redis) -> Env:
-    """A queue on real Redis, then on fakeredis (as in test_scripts)."""
-    return _env(backend)
-
-
-@pytest.fixture
-def env(r: redis.Redis) -> Env:
-    """A queue on real Redis only."""
-    return _env(r)
 
 
 def payload_of(size: int) -> bytes:

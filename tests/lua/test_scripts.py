@@ -145,18 +145,6 @@ def _env(client: redis.Redis) -> Env:
     return Env(client, q, q.keys(Q), prefix, fake)
 
 
-@pytest.fixture
-def env(r: redis.Redis) -> Env:
-    """A queue on the session's real Redis."""
-    return _env(r)
-
-
-@pytest.fixture
-def benv(backend: redis.Redis) -> Env:
-    """A queue on real Redis, then on fakeredis."""
-    return _env(backend)
-
-
 @dataclass
 class Frozen:
     """A snapshot and the dirty counter, to check that a call wrote nothing."""
