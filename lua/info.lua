@@ -27,7 +27,11 @@ elseif t ~= "hash" then
   return {-5, task_key}
 end
 local fields = redis.call("HGETALL", task_key)
-local state = redis.call("HGET", task_key, "s")
+local stored = {}
+for i = 1, #fields, 2 do
+  stored[fields[i]] = fields[i + 1]
+end
+local state = stored["s"]
 local zsets = {scheduled = KEYS[2], retry = KEYS[3], active = KEYS[4]}
 local due = -1
 if zsets[state] then
@@ -37,9 +41,8 @@ if zsets[state] then
   end
 end
 local whole = nil
-local format = redis.call("HMGET", task_key, "v", "p", "n")
-if tonumber(format[1]) == 3 then
-  whole = joined_payload(task_key, format[2], format[3])
+if tonumber(stored["v"]) == 3 then
+  whole = joined_payload(task_key, stored["p"], stored["n"])
 end
 local reply = {due}
 for i = 1, #fields, 2 do

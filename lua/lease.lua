@@ -70,8 +70,8 @@ for i = 1, #ids do
   -- pcall: a task key of another type reads as an error table, which counts as an orphan.
   -- The optional fields are not named here: each one a hash lacks costs a scan of the whole
   -- hash. They are read in a second call when "o" (lua/enqueue.lua) says a task has them, and
-  -- always for a task of format 1 (written before "o" existed). "o" and "n" (the count of a
-  -- format-3 payload's pieces) are the exceptions: a small hash's scan costs less than a call.
+  -- always for a task of format 1 (written before "o" existed). "o" and "n" (the length of a
+  -- format-3 payload in pieces) are the exceptions: a small hash's scan costs less than a call.
   local f = not seen[id] and redis.pcall("HMGET", task_key, "v", "t", "p", "r", "m", "o", "n")
   seen[id] = true
   if not f or f.err or (not f[1] and not f[2] and not f[3] and rcall("EXISTS", task_key) == 0) then
@@ -90,7 +90,7 @@ for i = 1, #ids do
       payload = joined_payload(task_key, payload, f[7])
     end
     local timeout, deadline, retry_delay = 0, 0, -1
-    if (f[1] ~= "2" and f[1] ~= "3") or (flags and flags ~= "2") then
+    if (version ~= 2 and version ~= 3) or (flags and flags ~= "2") then
       local o = rcall("HMGET", task_key, "timeout", "deadline", "retry_delay")
       timeout, retry_delay = o[1] and tonumber(o[1]) or 0, o[3] and tonumber(o[3]) or -1
       if o[2] then
