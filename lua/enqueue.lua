@@ -133,16 +133,18 @@ for _ = 1, n do
 
   if code == 1 then
     local state = profile.state
-    -- The pieces of a long payload (format 3) go last, after the fields lease and ack read.
-    local version, first_piece, pieces = payload_fields(ARGV[t + 2])
-    local extra = profile.options
-    if pieces then
-      extra = {unpack(profile.options)}
-      for i = 1, #pieces do
-        extra[#extra + 1] = pieces[i]
+    local version, payload, extra = "2", ARGV[t + 2], profile.options
+    if #payload > 64 then  -- no call for the common small payload: this loop is enqueue's hot path
+      local pieces
+      version, payload, pieces = payload_fields(payload)
+      if pieces then  -- format 3: the pieces go last, after the fields lease and ack read
+        extra = {unpack(profile.options)}
+        for i = 1, #pieces do
+          extra[#extra + 1] = pieces[i]
+        end
       end
     end
-    rcall("HSET", task_key, "v", version, "t", profile.type, "p", first_piece, "f", fingerprint,
+    rcall("HSET", task_key, "v", version, "t", profile.type, "p", payload, "f", fingerprint,
           "s", state, "m", profile.max_retry, "r", "0", "c", created, unpack(extra))
     if lock_key then
       rcall("SET", lock_key, id, "PX", profile.lock_ttl)
