@@ -134,7 +134,7 @@ for _ = 1, n do
   if code == 1 then
     local state = profile.state
     local version, payload, extra = "2", ARGV[t + 2], profile.options
-    if #payload > 64 then  -- no call for the common small payload: this loop is enqueue's hot path
+    if #payload > LONGEST_IN_ONE_FIELD then  -- no call for a small payload: enqueue's hot path
       local pieces
       version, payload, pieces = payload_fields(payload)
       if pieces then  -- format 3: the pieces go last, after the fields lease and ack read

@@ -10,6 +10,9 @@
 -- again. The saving is about 500 bytes a task whatever the size, the price grows with it: past
 -- 512 bytes a payload is one field (format 2).
 local PIECE_BYTES, LONGEST_IN_PIECES = 63, 512
+-- The longest payload kept in one field of a compact hash (Redis's default
+-- hash-max-listpack-value); a longer one, up to LONGEST_IN_PIECES, goes in pieces.
+local LONGEST_IN_ONE_FIELD = 64
 -- The names of the pieces after the first: ceil(512 / 63) - 1 of them, and one more to check
 -- that no piece follows the last. A literal: a script's top level runs on every call.
 local PIECE_NAMES = {"1", "2", "3", "4", "5", "6", "7", "8", "9"}
@@ -18,7 +21,7 @@ local PIECE_NAMES = {"1", "2", "3", "4", "5", "6", "7", "8", "9"}
 -- the other fields as a flat list for HSET ("n", length, "1", second piece, ...), else nil.
 local function payload_fields(payload)
   local size = #payload
-  if size <= 64 or size > LONGEST_IN_PIECES then
+  if size <= LONGEST_IN_ONE_FIELD or size > LONGEST_IN_PIECES then
     return "2", payload, nil
   end
   local rest = {"n", string.format("%d", size)}
@@ -36,7 +39,8 @@ end
 -- "n" bytes: the caller archives the task as corrupt rather than hand out a cut payload.
 local function joined_payload(task_key, first, length)
   length = tonumber(length)
-  if not first or not length or length <= 64 or length > LONGEST_IN_PIECES or length % 1 ~= 0 then
+  if not first or not length or length <= LONGEST_IN_ONE_FIELD or length > LONGEST_IN_PIECES
+     or length % 1 ~= 0 then
     return nil
   end
   local count = math.ceil(length / PIECE_BYTES) - 1
