@@ -83,7 +83,10 @@ async def _pool_connection(pool: Any) -> Any:
     those once and ask again."""
     try:
         return await pool.get_connection()
-    except MaxConnectionsError:
+    except redis.ConnectionError as exc:
+        # redis-py 8 raises MaxConnectionsError; older async pools a plain ConnectionError.
+        if not isinstance(exc, MaxConnectionsError) and str(exc) != "Too many connections":
+            raise
         loop = asyncio.get_running_loop()
         pending = [t for t in tuple(_RELEASING) if t.get_loop() is loop]  # other loops' threads add too
         if not pending:
@@ -150,7 +153,9 @@ class AsyncTransport:
             if conn is None:
                 conn = await _pool_connection(pool)
             else:
-                await _check_spare(conn)
+                # Made ready to send as the pool makes every connection it hands out: a socket
+                # the server closed, or one holding data nobody read, is reconnected first.
+                await pool.ensure_connection(conn)
         except BaseException as exc:
             if conn is not None:
                 await pool.release(conn)
@@ -186,19 +191,6 @@ class AsyncTransport:
             node.release(conn)
 
 
-async def _check_spare(conn: Any) -> None:
-    """The twin of the sync ``_check_spare``: a socket the server closed, or one holding data
-    nobody read, is noticed before anything is sent and reconnected."""
-    try:
-        await conn.connect()  # a no-op while connected
-        if not await conn.can_read():
-            return
-    except redis.ConnectionError:
-        pass
-    await conn.disconnect()
-    await conn.connect()
-
-
 async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     """Send an exchange's commands on ``conn`` and read one reply per command (an error reply
     as its exception object); any failure, cancellation included, drops the connection, since
@@ -209,11 +201,21 @@ async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
             await conn.send_packed_command(piece, check_health=False)
         replies: list[Any] = []
         on_reply = exchange.on_reply
+        refused: Exception | None = None
         for position in range(len(exchange.commands)):
-            try:
-                reply = await conn.read_response(disable_decoding=True)
-            except REPLY_ERRORS as err:
-                reply = err.with_traceback(None)  # a reply, not a failure here: no frames kept
+            if refused is not None:
+                reply = refused
+            else:
+                try:
+                    reply = await conn.read_response(disable_decoding=True)
+                except REPLY_ERRORS as err:
+                    reply = err.with_traceback(None)  # a reply, not a failure here: no frames kept
+                    if isinstance(reply, redis.AuthenticationError):
+                        # NOAUTH: Redis refuses every command of a connection that has not
+                        # authenticated, and redis-py before 8 drops it after the first refusal.
+                        # The rest are refused alike; the connection starts afresh next time.
+                        refused = reply
+                        await conn.disconnect()
             replies.append(reply)
             if on_reply is not None:
                 on_reply(position, reply)

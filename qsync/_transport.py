@@ -215,11 +215,21 @@ def _roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
         conn.send_packed_command(packed_pieces(exchange.commands), check_health=False)
         replies: list[Any] = []
         on_reply = exchange.on_reply
+        refused: Exception | None = None
         for position in range(len(exchange.commands)):
-            try:
-                reply = conn.read_response(disable_decoding=True)
-            except REPLY_ERRORS as err:
-                reply = err.with_traceback(None)  # a reply, not a failure here: no frames kept
+            if refused is not None:
+                reply = refused
+            else:
+                try:
+                    reply = conn.read_response(disable_decoding=True)
+                except REPLY_ERRORS as err:
+                    reply = err.with_traceback(None)  # a reply, not a failure here: no frames kept
+                    if isinstance(reply, redis.AuthenticationError):
+                        # NOAUTH: Redis refuses every command of a connection that has not
+                        # authenticated, and redis-py before 8 drops it after the first refusal.
+                        # The rest are refused alike; the connection starts afresh next time.
+                        refused = reply
+                        conn.disconnect()
             replies.append(reply)
             if on_reply is not None:
                 on_reply(position, reply)

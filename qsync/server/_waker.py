@@ -115,9 +115,11 @@ class Waker:
                 log.warning("a wake-up listener did not return; the tasks its lease may have "
                             "taken come back when their leases expire")  # fmt: skip
         # The other listeners have no lease at stake: they are cancelled (closing the client
-        # ends a read that a cancellation did not).
+        # ends a read that a cancellation did not), and so are the calls that end waits early:
+        # best effort, and against a frozen Redis they would wait out the queue client's socket
+        # timeout (none by default with redis-py before 8).
         tasks = [*self._listeners.values(), *self._background]
-        for task in self._listeners.values():
+        for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1)

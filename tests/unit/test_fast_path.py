@@ -103,9 +103,6 @@ class AsyncConn(SyncConn):
     async def connect(self) -> None:  # type: ignore[override]
         self.connected = True
 
-    async def can_read(self, timeout: float = 0) -> bool:  # type: ignore[override]
-        return False
-
     async def disconnect(self, *args: Any) -> None:  # type: ignore[override]
         self.connected = False
 
@@ -123,6 +120,11 @@ class AsyncPool(SyncPool):
 
     async def release(self, conn: SyncConn) -> None:  # type: ignore[override]
         self.wire.released += 1
+
+    async def ensure_connection(self, conn: AsyncConn) -> None:
+        # What redis-py's async pools (5.x to 8.x) do before handing a connection out; the
+        # transport asks the pool, as async connections have no can_read before redis-py 6.
+        await conn.connect()
 
 
 Runner = Callable[[Wire, list[Call[Any]]], list[Any]]
@@ -177,6 +179,18 @@ def test_a_refusal_on_the_fast_path_is_not_enqueued_and_not_sent_again(run: Runn
     [result] = run(wire, [enqueue_call()])
     assert isinstance(result, NotEnqueued)
     assert wire.evalsha_sent() == 1
+    every_connection_back(wire)
+
+
+def test_noauth_refuses_every_call_of_the_exchange_and_never_reads_a_dropped_connection(run: Runner) -> None:
+    # redis-py before 8 connects without credentials when none are given, and drops the
+    # connection after raising the first NOAUTH reply: a further read fails as "closed", which
+    # must not turn the refused calls into uncertain ones.
+    noauth = redis.AuthenticationError("Authentication required.")
+    wire = Wire([noauth, redis.ConnectionError("Connection closed by server.")])
+    results = run(wire, [enqueue_call("a"), enqueue_call("b")])
+    assert [type(r) for r in results] == [NotEnqueued, NotEnqueued]
+    assert "Authentication required" in str(results[0]) and wire.evalsha_sent() == 2
     every_connection_back(wire)
 
 
