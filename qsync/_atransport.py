@@ -28,6 +28,7 @@ from ._protocol import (
     packed_pieces,
     single_exchange,
 )
+from ._takeover import ended, exchange_on, hand_back, take_over
 from ._transport import CONNECT_ERRORS, DRIVER_ERRORS, Spares
 
 __all__ = ["AsyncTransport", "roundtrip"]
@@ -75,6 +76,15 @@ def _release_later(spares: _LoopSpares) -> None:
 async def _give_back(pool: Any, conns: list[Any]) -> None:
     for conn in conns:
         await pool.release(conn)
+
+
+async def _reconnect_if_ended(conn: Any) -> None:
+    """Reconnect ``conn`` if the server ended it while it sat idle. redis-py before 8 checks a
+    connection by a read that times out at once and can miss the end; sent on, a call would
+    wait for a reply that cannot come, or end uncertain. Nothing has been sent yet here."""
+    if ended(conn):
+        await conn.disconnect()
+        await conn.connect()
 
 
 async def _pool_connection(pool: Any) -> Any:
@@ -156,6 +166,7 @@ class AsyncTransport:
                 # Made ready to send as the pool makes every connection it hands out: a socket
                 # the server closed, or one holding data nobody read, is reconnected first.
                 await pool.ensure_connection(conn)
+            await _reconnect_if_ended(conn)
         except BaseException as exc:
             if conn is not None:
                 await pool.release(conn)
@@ -188,14 +199,36 @@ class AsyncTransport:
         try:
             return await roundtrip(conn, exchange)
         finally:
-            node.release(conn)
+            _release_to_node(node, conn)
+
+
+def _release_to_node(node: Any, conn: Any) -> None:
+    release = getattr(node, "release", None)
+    if release is not None:
+        release(conn)
+    else:  # redis-py before 6: a node's own commands put the connection back so
+        node._free.append(conn)
 
 
 async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     """Send an exchange's commands on ``conn`` and read one reply per command (an error reply
     as its exception object); any failure, cancellation included, drops the connection, since
     a reply may be in flight. The server's wake-up listeners use it on a connection whose
-    transport they cannot take over (qsync/server/_link.py)."""
+    transport they cannot take over (qsync/server/_link.py).
+
+    An exchange whose replies are wanted only together (no ``on_reply``: every single call) is
+    read by qsync's own protocol (:mod:`qsync._takeover`), which costs the event loop a third
+    of redis-py's reads; the transport goes back to redis-py after the last reply."""
+    taken = take_over(conn) if exchange.on_reply is None else None
+    if taken is not None:
+        transport, protocol = taken
+        try:
+            result = await exchange_on(transport, protocol, exchange.commands, conn.socket_timeout)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        hand_back(transport, protocol)
+        return result
     try:
         for piece in packed_pieces(exchange.commands):
             await conn.send_packed_command(piece, check_health=False)

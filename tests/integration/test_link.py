@@ -26,7 +26,8 @@ import qsync
 from qsync import Context, LeasedTask, Task
 from qsync._atransport import roundtrip
 from qsync._protocol import Exchange
-from qsync.server._link import Link, _Replies
+from qsync._takeover import Replies
+from qsync.server._link import Link
 from tests.polling import wait_until
 from tests.redis_procs import RedisServer, free_port
 
@@ -308,7 +309,7 @@ class _Recorder:
 
 
 async def test_replies_split_across_reads_resolve_once_the_last_is_whole() -> None:
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
+    protocol = Replies(_Recorder())  # type: ignore[arg-type]
     waiter = protocol.expect(2)
     for byte in b"*2\r\n$1\r\na\r\n:7\r\n+OK\r\n":
         assert not waiter.done()
@@ -319,7 +320,7 @@ async def test_replies_split_across_reads_resolve_once_the_last_is_whole() -> No
 
 
 async def test_a_reply_nobody_asked_for_breaks_the_connection() -> None:
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
+    protocol = Replies(_Recorder())  # type: ignore[arg-type]
     protocol.data_received(b"+OK\r\n")
     assert isinstance(protocol.broken, redis.ConnectionError)
     with pytest.raises(redis.ConnectionError):
@@ -343,7 +344,7 @@ BREAKING_STREAMS = {
 
 @pytest.mark.parametrize("wanted, data, match", BREAKING_STREAMS.values(), ids=BREAKING_STREAMS.keys())
 async def test_bytes_that_break_the_stream_fail_the_wait(wanted: int, data: bytes, match: str | None) -> None:
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
+    protocol = Replies(_Recorder())  # type: ignore[arg-type]
     waiter = protocol.expect(wanted)
     protocol.data_received(data)
     with pytest.raises(redis.ConnectionError, match=match):
@@ -352,7 +353,7 @@ async def test_bytes_that_break_the_stream_fail_the_wait(wanted: int, data: byte
 
 async def test_the_end_of_the_connection_fails_the_wait_and_reaches_the_replaced_protocol() -> None:
     replaced = _Recorder()
-    protocol = _Replies(replaced)  # type: ignore[arg-type]
+    protocol = Replies(replaced)  # type: ignore[arg-type]
     waiter = protocol.expect(1)
     protocol.data_received(b"*1\r\n")  # half a reply
     error = OSError("reset")

@@ -25,7 +25,7 @@ import qsync
 from qsync import Context, LeasedTask, Task
 from qsync._atransport import roundtrip
 from qsync._protocol import Exchange
-from qsync.server._link import _Replies
+from qsync._takeover import Replies
 from tests.integration.test_link import (
     PASSWORD,
     USER,
@@ -302,7 +302,7 @@ async def test_kills_and_cancellations_leak_no_descriptor_and_read_no_stale_repl
         gc.collect()
         assert _fds() <= before + 1
         # The protocols of the dropped connections went with them (one per live connection).
-        assert sum(1 for o in gc.get_objects() if isinstance(o, _Replies)) <= 2
+        assert sum(1 for o in gc.get_objects() if isinstance(o, Replies)) <= 2
         assert len(connections(admin, name)) == 1
     finally:
         await client.aclose()
@@ -316,7 +316,7 @@ PUSH = b">3\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n$1\r\nx\r\n"
 
 
 async def test_push_frames_between_and_inside_exchanges_are_passed_by() -> None:
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
+    protocol = Replies(_Recorder())  # type: ignore[arg-type]
     protocol.data_received(PUSH)  # before any exchange
     waiter = protocol.expect(2)
     protocol.data_received(PUSH + b"+OK\r\n" + PUSH)
@@ -331,7 +331,7 @@ async def test_push_frames_between_and_inside_exchanges_are_passed_by() -> None:
 
 
 async def test_a_reply_after_a_finished_exchange_breaks_the_connection_and_leaves_its_replies() -> None:
-    protocol = _Replies(_Recorder())  # type: ignore[arg-type]
+    protocol = Replies(_Recorder())  # type: ignore[arg-type]
     waiter = protocol.expect(2)
     protocol.data_received(b"+A\r\n+B\r\n")
     protocol.data_received(b"+STRAY\r\n")
