@@ -4,15 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast test-cluster chaos lint format unasync bench bench-micro demo clean
+.PHONY: help install test test-compat test-fast test-cluster chaos lint format unasync bench bench-micro bench-peers demo clean
 
 help:
 	@echo "make demo        run a producer and a worker fleet end to end against Redis"
-	@echo "make test        the whole suite: unit, Lua (fakeredis + real Redis), integration, cluster, chaos"
+	@echo "make test        the whole suite: unit, Lua (fakeredis + real Redis), integration, cluster, chaos;"
+	@echo "                 then again with the oldest redis-py qsync supports (make test-compat)"
 	@echo "make test-fast   unit and Lua-on-fakeredis tests (seconds)"
 	@echo "make lint        ruff, mypy --strict, unasync check"
 	@echo "make bench       benchmarks against the Redis ceiling measured in the same run"
 	@echo "make bench-micro pytest-benchmark of each script call and of the sans-I/O core"
+	@echo "make bench-peers qsync beside SAQ and arq, measured in the same run (own venv, from PyPI)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +24,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The oldest redis-py qsync supports (pyproject's lower bound) gets a venv of its own, and the
+# suite runs there too: the bound stays true.
+COMPAT := .venv-compat
+COMPAT_STAMP := $(COMPAT)/.installed
+REDIS_PY_OLDEST := $(shell sed -n 's/^ *"redis>=\([0-9.]*\)",/\1/p' pyproject.toml)
+
+$(COMPAT_STAMP): pyproject.toml
+	@test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT)/bin/python -m pip install -q -e '.[test]' 'redis[hiredis]==$(REDIS_PY_OLDEST)'
+	@touch $(COMPAT_STAMP)
+
+test: $(STAMP) $(COMPAT_STAMP)
 	$(BIN)/python -m pytest -q
+	@echo "== the suite again with redis-py $(REDIS_PY_OLDEST), the oldest supported"
+	$(COMPAT)/bin/python -m pytest -q
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/lua -k "not redis]" -m "not cluster and not chaos"
@@ -53,8 +72,22 @@ bench: $(STAMP)
 bench-micro: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks/test_micro.py --benchmark-columns=median,iqr,ops --benchmark-sort=name
 
+# The peers need a redis-py older than qsync's venv has (arq: < 6), so they get their own venv,
+# with qsync installed from this checkout beside them.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): pyproject.toml benchmarks/peers/requirements.txt
+	@test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt -e .
+	@touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS)/bin/python benchmarks/peers/compare.py
+
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT) $(PEERS) build dist .pytest_cache .mypy_cache .ruff_cache
