@@ -715,9 +715,13 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
 # --- the table -------------------------------------------------------------------------------------
 
 
-def print_table(report: Report, previous: dict[str, Any] | None) -> None:
+def print_table(
+    report: Report,
+    previous: dict[str, Any] | None,
+    title: str = "qsync benchmark (medians; ratios against ceilings measured in this run)",
+) -> None:
     old = {(r["group"], r["name"]): r["value"] for r in previous["rows"]} if previous else {}
-    table = Table(title="qsync benchmark (medians; ratios against ceilings measured in this run)")
+    table = Table(title=title)
     for column in ("group", "figure", "value", "unit", "ratio", "against", "target", "previous run"):
         table.add_column(column, justify="right" if column in ("value", "ratio", "previous run") else "left")
     for row in report.rows:
