@@ -217,8 +217,8 @@ async def roundtrip(conn: Any, exchange: Exchange) -> list[Any]:
     transport they cannot take over (qsync/server/_link.py).
 
     An exchange whose replies are wanted only together (no ``on_reply``: every single call) is
-    read by qsync's own protocol (:mod:`qsync._takeover`), which costs the event loop a third
-    of redis-py's reads; the transport goes back to redis-py after the last reply."""
+    read by qsync's own protocol (:mod:`qsync._takeover`): two event-loop iterations per call
+    instead of redis-py's five. The transport goes back to redis-py after the last reply."""
     taken = take_over(conn) if exchange.on_reply is None else None
     if taken is not None:
         transport, protocol = taken
