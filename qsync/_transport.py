@@ -11,6 +11,7 @@ an enqueue. Cluster clients take every connection from the pool.
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ class Spares:
     """A transport's idle connections, with the pool they belong to and return to.
 
     It holds no reference to its transport, so the transport's ``weakref.finalize`` can give
-    the connections back when a queue is dropped without ``close()``. Each connection is kept
+    the connections back when a queue is dropped without ``close()`` (at once, or at the next
+    call when the cyclic GC collected it: see ``_ORPHANS``). Each connection is kept
     with the pid that used it: a forked child drops the parent's (it must never use or shut
     down the parent's sockets), and ``list.pop`` hands each one to exactly one thread. The pid
     is ``os.getpid()`` at each call, never a value cached and refreshed by an
@@ -96,8 +98,42 @@ class Spares:
 def _release(spares: Spares) -> None:
     """Give every spare back to its pool (on close, and when the transport is collected)."""
     spares.closed = True
-    for conn in spares.take_all():
+    conns = spares.take_all()
+    if _collecting:
+        pid = os.getpid()
+        _ORPHANS.extend((pid, spares.pool, conn) for conn in conns)
+        return
+    for conn in conns:
         spares.pool.release(conn)
+
+
+# The spares of transports the cyclic GC collected wait here for the next call (or close) of
+# any transport of this process. A collection runs wherever an allocation starts it, inside the
+# pool's own code too, with the pool's lock held by this very thread; redis-py before 6 guards
+# its pools with a plain Lock, so a release from there would wait for itself forever.
+_ORPHANS: list[tuple[int, Any, Any]] = []  # (pid, pool, connection)
+_collecting = False
+
+
+def _track_collections(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+gc.callbacks.append(_track_collections)
+
+
+def _give_back_orphans() -> None:
+    """Release the collected transports' spares to their pools (a forked child drops its
+    parent's: they are the parent's sockets)."""
+    pid = os.getpid()
+    while _ORPHANS:
+        try:
+            owner, pool, conn = _ORPHANS.pop()
+        except IndexError:  # another thread took the last one
+            return
+        if owner == pid:
+            pool.release(conn)
 
 
 class SyncTransport:
@@ -115,6 +151,8 @@ class SyncTransport:
         """Give the spare connection back to the client's pool."""
         if self._spares is not None:
             _release(self._spares)
+        if _ORPHANS:
+            _give_back_orphans()
 
     def run(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one round trip per node; one result or QsyncError per call."""
@@ -149,6 +187,8 @@ class SyncTransport:
         spares = self._spares
         if spares is None:
             return self._send_pooled(exchange)
+        if _ORPHANS:
+            _give_back_orphans()
         pool, pid = spares.pool, os.getpid()
         conn = spares.take(pid)
         try:
@@ -169,6 +209,8 @@ class SyncTransport:
             raise
         for extra in spares.keep(conn, pid):
             pool.release(extra)
+        if _ORPHANS:  # the GC may have collected a transport inside the checkout above
+            _give_back_orphans()
         return replies
 
     def _send_pooled(self, exchange: Exchange) -> list[Any]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import redis
@@ -89,6 +92,50 @@ def test_queues_dropped_after_errors_give_their_connection_back_at_once(server: 
             del queue
         every_connection_is_free(client.connection_pool)
     finally:
+        client.close()
+
+
+class GuardedPool(redis.ConnectionPool):
+    """A pool guarded as redis-py before 6 guards its pools, with a plain Lock that the thread
+    holding it cannot take again, and the cyclic GC run while it is held (as any allocation in
+    the pool's code may run it). A release made while the guard is held is recorded: in redis-py
+    5 it would wait for itself forever."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard = threading.Lock()
+        self.released_inside: list[Any] = []
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        with self.guard:
+            gc.collect()
+            return super().get_connection(*args, **kwargs)
+
+    def release(self, connection: Any) -> None:
+        if self.guard.acquire(blocking=False):
+            self.guard.release()
+        else:
+            self.released_inside.append(connection)
+        super().release(connection)
+
+
+def test_a_queue_the_gc_collects_inside_the_pool_gives_its_connection_back_after(server: RedisServer) -> None:
+    pool = GuardedPool(port=server.port, max_connections=2)
+    client = redis.Redis.from_pool(pool)
+    gc.disable()  # the collections of this test are the pool's
+    try:
+        dropped = qsync.new(client, prefix="gc")
+        dropped.enqueue(Task("t", b"x", task_id="g-1"))  # it keeps a spare
+        dropped.cycle = dropped  # type: ignore[attr-defined]  # only the cyclic GC frees it now
+        del dropped
+        queue = qsync.new(client, prefix="gc")
+        # Its checkout runs the GC inside the guard, which collects the dropped queue.
+        assert queue.info("g-1").state is TaskState.PENDING
+        assert pool.released_inside == [], "a finalizer released inside the pool's lock"
+        queue.close()
+        every_connection_is_free(pool)  # the dropped queue's spare is back all the same
+    finally:
+        gc.enable()
         client.close()
 
 
