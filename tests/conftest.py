@@ -6,7 +6,9 @@ the test session on a free port in a temporary folder."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import itertools
+import os
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -20,6 +22,31 @@ from tests.redis_procs import RedisCluster, RedisServer, require_redis_server
 
 def pytest_configure(config: pytest.Config) -> None:
     require_redis_server()
+    # The terminal's stderr, taken while capture is off: a dump written to the fd that capture
+    # swaps in during a test would vanish with the process.
+    config.stash[_TERMINAL_STDERR] = os.dup(2)
+
+
+# pytest-timeout fails a test after its limit with one SIGALRM, which ends most hangs. Some it
+# cannot end: a wait inside a finalizer the GC runs (what the alarm raises there is swallowed;
+# CI once stalled on one until it was killed, without a word), a call into C that never returns
+# to Python (a Lua loop under lupa), and Hypothesis replaying a failing example after the one
+# alarm. Past this margin, faulthandler's own C thread prints every thread's traceback and
+# ends the session.
+HANG_MARGIN = 180.0
+_TERMINAL_STDERR = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    stderr = item.config.stash[_TERMINAL_STDERR]
+    faulthandler.dump_traceback_later(limit + HANG_MARGIN, exit=True, file=stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
