@@ -1,4 +1,5 @@
-"""Shared fixtures: real Redis servers started by this session, clients and queues on them.
+"""Shared fixtures: real Redis servers started by this session, clients, queues and worker
+servers on them.
 
 Fixtures are factories or yield-and-clean-up (arq's habit), and every Redis here was started by
 the test session on a free port in a temporary folder."""
@@ -17,6 +18,7 @@ import pytest
 import redis
 
 import qsync
+from tests.integration.test_server import Worker, worker_on
 from tests.redis_procs import RedisCluster, RedisServer, require_redis_server
 
 
@@ -63,6 +65,12 @@ def redis_cluster() -> Iterator[RedisCluster]:
     cluster = RedisCluster().start()
     yield cluster
     cluster.cleanup()
+
+
+@pytest.fixture
+def sync_worker(redis_server: RedisServer) -> Iterator[Worker]:
+    """A ``Queue.start()`` worker server (the sync flavour)."""
+    yield from worker_on("sync", redis_server)
 
 
 @pytest.fixture

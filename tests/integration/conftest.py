@@ -13,33 +13,19 @@ import redis.asyncio as aioredis
 
 from tests.integration.test_client import Shell
 from tests.integration.test_link import TlsRedis, next_name
-from tests.integration.test_server import Worker
+from tests.integration.test_server import Worker, worker_on
 from tests.redis_procs import RedisServer
-
-
-def _worker(flavour: str, redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker(flavour, redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 @pytest.fixture(params=["sync", "async"])
 def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Worker]:
-    yield from _worker(request.param, redis_server)
+    yield from worker_on(request.param, redis_server)
 
 
 @pytest.fixture
 def aworker(redis_server: RedisServer) -> Iterator[Worker]:
     """An AsyncQueue.run worker (the server code is the same for both flavours)."""
-    yield from _worker("async", redis_server)
-
-
-@pytest.fixture
-def sworker(redis_server: RedisServer) -> Iterator[Worker]:
-    yield from _worker("sync", redis_server)
+    yield from worker_on("async", redis_server)
 
 
 @pytest.fixture

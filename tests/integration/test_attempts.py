@@ -368,7 +368,7 @@ def test_a_timed_out_handler_that_then_loses_its_lease_is_settled_once(aworker: 
     assert where(aworker, info.id) == ["active"]
 
 
-def test_a_timed_out_handler_still_running_at_shutdown_is_handed_back_once(sworker: Worker) -> None:
+def test_a_timed_out_handler_still_running_at_shutdown_is_handed_back_once(sync_worker: Worker) -> None:
     caught = Calls()
 
     async def handler(ctx: Context, task: LeasedTask) -> None:
@@ -378,15 +378,15 @@ def test_a_timed_out_handler_still_running_at_shutdown_is_handed_back_once(swork
             caught.add(task.id)
             await asyncio.sleep(3600)  # swallows the timeout; only shutdown ends it
 
-    info = sworker.queue.enqueue(Task("t", retry=3, timeout=0.2))
-    sworker.start(handler, shutdown_timeout=0.2)
+    info = sync_worker.queue.enqueue(Task("t", retry=3, timeout=0.2))
+    sync_worker.start(handler, shutdown_timeout=0.2)
     caught.wait(lambda items: len(items) == 1, "the timeout to reach the handler")
-    server = server_of(sworker)
-    sworker.stop()
+    server = server_of(sync_worker)
+    sync_worker.stop()
     stats = server.stats
     assert (stats["leased"], stats["lost"], stats["failed"], stats["succeeded"]) == (1, 1, 0, 0)
     assert not server.processor.running
-    assert where(sworker, info.id) in (["pending"], ["retry"]), where(sworker, info.id)
+    assert where(sync_worker, info.id) in (["pending"], ["retry"]), where(sync_worker, info.id)
 
 
 def test_sync_handlers_see_the_timeout_through_their_context(aworker: Worker) -> None:

@@ -208,10 +208,11 @@ def _contain_leaked_connections() -> Iterator[None]:
     collect_quietly()
 
 
-@pytest.fixture
-def sync_worker(redis_server: RedisServer) -> Iterator[Worker]:
+def worker_on(flavour: str, redis_server: RedisServer) -> Iterator[Worker]:
+    """A worker server of ``flavour`` ("sync" or "async") on the session's Redis, flushed first;
+    closed after the test."""
     redis_server.client().flushall()
-    w = Worker("sync", redis_server)
+    w = Worker(flavour, redis_server)
     try:
         yield w
     finally:

@@ -17,7 +17,6 @@ polling Redis with a deadline.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +32,7 @@ from qsync.task import TaskState
 from tests.integration.test_server import Worker
 from tests.lua.test_scripts import Env, Q, _env, freeze, task
 from tests.polling import wait_until
-from tests.redis_procs import RedisCluster, RedisServer
+from tests.redis_procs import RedisCluster
 
 __all__: list[str] = []
 
@@ -490,16 +489,6 @@ def test_fakeredis_and_redis_agree_byte_for_byte(r: redis.Redis) -> None:
 
 
 # --- 7. the worker server end to end ---------------------------------------------------------
-
-
-@pytest.fixture
-def sync_worker(redis_server: RedisServer) -> Iterator[Worker]:
-    redis_server.client().flushall()
-    w = Worker("sync", redis_server)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def test_a_handler_receives_the_exact_bytes_of_every_size(sync_worker: Worker) -> None:
