@@ -11,6 +11,7 @@ an enqueue. Cluster clients take every connection from the pool.
 
 from __future__ import annotations
 
+import _thread
 import gc
 import os
 import weakref
@@ -47,8 +48,8 @@ class Spares:
     """A transport's idle connections, with the pool they belong to and return to.
 
     It holds no reference to its transport, so the transport's ``weakref.finalize`` can give
-    the connections back when a queue is dropped without ``close()`` (at once, or at the next
-    call when the cyclic GC collected it: see ``_ORPHANS``). Each connection is kept
+    the connections back when a queue is dropped without ``close()`` (from a thread of its own
+    when the cyclic GC collects it: see ``_ORPHANS``). Each connection is kept
     with the pid that used it: a forked child drops the parent's (it must never use or shut
     down the parent's sockets), and ``list.pop`` hands each one to exactly one thread. The pid
     is ``os.getpid()`` at each call, never a value cached and refreshed by an
@@ -102,17 +103,20 @@ def _release(spares: Spares) -> None:
     if _collecting:
         pid = os.getpid()
         _ORPHANS.extend((pid, spares.pool, conn) for conn in conns)
+        _start_giving_back(pid)
         return
     for conn in conns:
         spares.pool.release(conn)
 
 
-# The spares of transports the cyclic GC collected wait here for the next call (or close) of
-# any transport of this process. A collection runs wherever an allocation starts it, inside the
-# pool's own code too, with the pool's lock held by this very thread; redis-py before 6 guards
-# its pools with a plain Lock, so a release from there would wait for itself forever.
+# A transport the cyclic GC collects gives its spares back from a thread of its own. The GC runs
+# wherever an allocation starts it, inside a pool's own code too, with the pool's lock held by
+# this very thread: redis-py before 6 guards its pools with a plain Lock, and every version's
+# BlockingConnectionPool a queue.Queue, so a release from there would wait for itself forever.
+# Another thread waits only until this one leaves the pool.
 _ORPHANS: list[tuple[int, Any, Any]] = []  # (pid, pool, connection)
 _collecting = False
+_giving_back_in = 0  # the pid whose thread is giving orphans back (0: none is)
 
 
 def _track_collections(phase: str, info: dict[str, int]) -> None:
@@ -123,17 +127,38 @@ def _track_collections(phase: str, info: dict[str, int]) -> None:
 gc.callbacks.append(_track_collections)
 
 
+def _start_giving_back(pid: int) -> None:
+    """Start a thread that gives the orphans back, unless one of this process runs. A bare
+    ``_thread`` one: ``threading.Thread.start`` takes locks and waits for the thread, neither of
+    which is safe in the middle of a collection."""
+    global _giving_back_in
+    if _giving_back_in == pid:
+        return
+    _giving_back_in = pid
+    try:
+        _thread.start_new_thread(_give_back_orphans, ())
+    except RuntimeError:  # the interpreter is shutting down: its sockets go with it
+        _giving_back_in = 0
+
+
 def _give_back_orphans() -> None:
-    """Release the collected transports' spares to their pools (a forked child drops its
-    parent's: they are the parent's sockets)."""
+    """Release the orphans to their pools (a forked child drops its parent's: they are the
+    parent's sockets), until none is left."""
+    global _giving_back_in
     pid = os.getpid()
-    while _ORPHANS:
+    while True:
         try:
-            owner, pool, conn = _ORPHANS.pop()
+            while _ORPHANS:
+                owner, pool, conn = _ORPHANS.pop()
+                if owner == pid:
+                    pool.release(conn)
         except IndexError:  # another thread took the last one
+            pass
+        finally:  # a release that raised leaves the rest to the next collection's thread
+            _giving_back_in = 0
+        if not _ORPHANS:
             return
-        if owner == pid:
-            pool.release(conn)
+        _giving_back_in = pid  # one came after the last pop: keep going
 
 
 class SyncTransport:
@@ -151,8 +176,6 @@ class SyncTransport:
         """Give the spare connection back to the client's pool."""
         if self._spares is not None:
             _release(self._spares)
-        if _ORPHANS:
-            _give_back_orphans()
 
     def run(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Run calls in one round trip per node; one result or QsyncError per call."""
@@ -187,8 +210,6 @@ class SyncTransport:
         spares = self._spares
         if spares is None:
             return self._send_pooled(exchange)
-        if _ORPHANS:
-            _give_back_orphans()
         pool, pid = spares.pool, os.getpid()
         conn = spares.take(pid)
         try:
@@ -209,8 +230,6 @@ class SyncTransport:
             raise
         for extra in spares.keep(conn, pid):
             pool.release(extra)
-        if _ORPHANS:  # the GC may have collected a transport inside the checkout above
-            _give_back_orphans()
         return replies
 
     def _send_pooled(self, exchange: Exchange) -> list[Any]:

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import qsync
 from qsync import Task, TaskState
 from qsync.errors import TaskIdConflict, TaskNotFound
+from tests.polling import wait_until
 from tests.redis_procs import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -95,47 +96,98 @@ def test_queues_dropped_after_errors_give_their_connection_back_at_once(server: 
         client.close()
 
 
+def can_take_every_connection(pool: redis.ConnectionPool) -> bool:
+    taken = []
+    try:
+        for _ in range(pool.max_connections):
+            taken.append(pool.get_connection())
+        return True
+    except redis.ConnectionError:
+        return False
+    finally:
+        for conn in taken:
+            pool.release(conn)
+
+
 class GuardedPool(redis.ConnectionPool):
-    """A pool guarded as redis-py before 6 guards its pools, with a plain Lock that the thread
-    holding it cannot take again, and the cyclic GC run while it is held (as any allocation in
-    the pool's code may run it). A release made while the guard is held is recorded: in redis-py
-    5 it would wait for itself forever."""
+    """A pool guarded as redis-py before 6 guards its pools: a plain Lock, which another thread
+    waits for and the thread holding it cannot take again, held while the cyclic GC runs (as any
+    allocation in the pool's code may run it). A release by the thread holding it is recorded
+    instead of waiting for itself forever."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.guard = threading.Lock()
+        self.holder: int | None = None
         self.released_inside: list[Any] = []
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         with self.guard:
-            gc.collect()
-            return super().get_connection(*args, **kwargs)
+            self.holder = threading.get_ident()
+            try:
+                gc.collect()
+                return super().get_connection(*args, **kwargs)
+            finally:
+                self.holder = None
 
     def release(self, connection: Any) -> None:
-        if self.guard.acquire(blocking=False):
-            self.guard.release()
-        else:
+        if self.holder == threading.get_ident():
             self.released_inside.append(connection)
-        super().release(connection)
+            super().release(connection)
+            return
+        with self.guard:
+            super().release(connection)
 
 
-def test_a_queue_the_gc_collects_inside_the_pool_gives_its_connection_back_after(server: RedisServer) -> None:
+class ClosesOnDel:
+    """An application object in a reference cycle that closes its queue when collected."""
+
+    def __init__(self, queue: qsync.Queue) -> None:
+        self.queue = queue
+        self.cycle = self
+
+    def __del__(self) -> None:
+        self.queue.close()
+
+
+@pytest.mark.parametrize("ending", ["dropped", "closed by __del__"])
+def test_a_queue_the_gc_ends_inside_the_pool_gives_its_connection_back_from_another_thread(
+    server: RedisServer, ending: str
+) -> None:
     pool = GuardedPool(port=server.port, max_connections=2)
     client = redis.Redis.from_pool(pool)
     gc.disable()  # the collections of this test are the pool's
     try:
-        dropped = qsync.new(client, prefix="gc")
-        dropped.enqueue(Task("t", b"x", task_id="g-1"))  # it keeps a spare
-        dropped.cycle = dropped  # type: ignore[attr-defined]  # only the cyclic GC frees it now
-        del dropped
+        ended = qsync.new(client, prefix="gc")
+        ended.enqueue(Task("t", b"x", task_id="g-1"))  # it keeps a spare
+        if ending == "dropped":
+            ended.cycle = ended  # type: ignore[attr-defined]  # only the cyclic GC frees it now
+        else:
+            ClosesOnDel(ended)
+        del ended
         queue = qsync.new(client, prefix="gc")
-        # Its checkout runs the GC inside the guard, which collects the dropped queue.
+        # Its checkout runs the GC inside the guard, which collects the ended queue.
         assert queue.info("g-1").state is TaskState.PENDING
-        assert pool.released_inside == [], "a finalizer released inside the pool's lock"
+        assert pool.released_inside == [], "a release inside the pool's lock, by the thread holding it"
         queue.close()
-        every_connection_is_free(pool)  # the dropped queue's spare is back all the same
+        wait_until(lambda: can_take_every_connection(pool), "the ended queue's spare back in the pool")
     finally:
         gc.enable()
+        client.close()
+
+
+def test_a_queue_the_gc_collects_gives_its_connection_back_without_another_call(server: RedisServer) -> None:
+    client = sync_client(server, max_connections=1)
+    try:
+        dropped = qsync.new(client, prefix="gc1")
+        dropped.enqueue(Task("t", b"x", task_id="g-1"))  # the pool's one connection is its spare
+        dropped.cycle = dropped  # type: ignore[attr-defined]
+        del dropped
+        gc.collect()
+        # No qsync call follows: the application's own commands need the connection back.
+        wait_until(lambda: can_take_every_connection(client.connection_pool), "the spare back in the pool")
+        assert client.llen("{gc1:default}:pending") == 1
+    finally:
         client.close()
 
 
