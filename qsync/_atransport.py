@@ -192,6 +192,9 @@ class AsyncTransport:
             node = client.get_node_from_key(exchange.route_key)
             if node is None:
                 raise ConnectFailed(f"no node serves the slot of {exchange.route_key!r}")
+            # The client's own instance of that node: after a refresh, redis-py 7's slot map
+            # holds fresh copies of known nodes, whose connections its aclose() never reaches.
+            node = client.get_node(node_name=node.name) or node
             conn = node.acquire_connection()
             await conn.connect()  # type: ignore[no-untyped-call]
         except (*CONNECT_ERRORS, RedisClusterException) as exc:
