@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo        run a producer and a worker fleet end to end against Redis"
 	@echo "make test        the whole suite: unit, Lua (fakeredis + real Redis), integration, cluster, chaos;"
-	@echo "                 then again with the oldest redis-py qsync supports (make test-compat)"
+	@echo "                 then again with older redis-py versions (make test-compat: only those)"
 	@echo "make test-fast   unit and Lua-on-fakeredis tests (seconds)"
 	@echo "make lint        ruff, mypy --strict, unasync check"
 	@echo "make bench       benchmarks against the Redis ceiling measured in the same run"
@@ -24,25 +24,32 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The oldest redis-py qsync supports (pyproject's lower bound) gets a venv of its own, and the
-# suite runs there too: the bound stays true.
-COMPAT := .venv-compat
-COMPAT_STAMP := $(COMPAT)/.installed
+# Other redis-py versions get a venv each (.venv-redis-<version>), with qsync from this checkout.
+# The oldest qsync supports (pyproject's lower bound) runs the whole suite, so the bound stays
+# true; the last before 8 (whose pools and cluster nodes differ from both) runs the tests that
+# drive redis-py: unit, cluster and integration.
 REDIS_PY_OLDEST := $(shell sed -n 's/^ *"redis>=\([0-9.]*\)",/\1/p' pyproject.toml)
+REDIS_PY_7 := 7.4.1
+OLDEST := .venv-redis-$(REDIS_PY_OLDEST)
+SEVEN := .venv-redis-$(REDIS_PY_7)
+DRIVER_TESTS := tests/unit tests/cluster tests/integration --ignore=tests/integration/test_packaging.py
 
-$(COMPAT_STAMP): pyproject.toml
-	@test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/python -m pip install -q --upgrade pip
-	$(COMPAT)/bin/python -m pip install -q -e '.[test]' 'redis[hiredis]==$(REDIS_PY_OLDEST)'
-	@touch $(COMPAT_STAMP)
+.venv-redis-%/.installed: pyproject.toml
+	@test -x .venv-redis-$*/bin/python || $(PYTHON) -m venv .venv-redis-$*
+	.venv-redis-$*/bin/python -m pip install -q --upgrade pip
+	.venv-redis-$*/bin/python -m pip install -q -e '.[test]' 'redis[hiredis]==$*'
+	@touch $@
 
-test: $(STAMP) $(COMPAT_STAMP)
+test: $(STAMP) $(OLDEST)/.installed $(SEVEN)/.installed
 	$(BIN)/python -m pytest -q
 	@echo "== the suite again with redis-py $(REDIS_PY_OLDEST), the oldest supported"
-	$(COMPAT)/bin/python -m pytest -q
+	$(OLDEST)/bin/python -m pytest -q
+	@echo "== the tests that drive redis-py, with redis-py $(REDIS_PY_7), the last before 8"
+	$(SEVEN)/bin/python -m pytest -q $(DRIVER_TESTS)
 
-test-compat: $(COMPAT_STAMP)
-	$(COMPAT)/bin/python -m pytest -q
+test-compat: $(OLDEST)/.installed $(SEVEN)/.installed
+	$(OLDEST)/bin/python -m pytest -q
+	$(SEVEN)/bin/python -m pytest -q $(DRIVER_TESTS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/lua -k "not redis]" -m "not cluster and not chaos"
@@ -90,4 +97,4 @@ demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT) $(PEERS) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-redis-* $(PEERS) build dist .pytest_cache .mypy_cache .ruff_cache
