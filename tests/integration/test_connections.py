@@ -97,6 +97,7 @@ def test_queues_dropped_after_errors_give_their_connection_back_at_once(server: 
 
 
 def can_take_every_connection(pool: redis.ConnectionPool) -> bool:
+    """every_connection_is_free as a predicate to poll (what was taken is given back)."""
     taken = []
     try:
         for _ in range(pool.max_connections):
