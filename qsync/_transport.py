@@ -100,6 +100,8 @@ def _release(spares: Spares) -> None:
     """Give every spare back to its pool (on close, and when the transport is collected)."""
     spares.closed = True
     conns = spares.take_all()
+    if not conns:  # closed before, or never used: no thread to start during a collection
+        return
     if _collecting:
         pid = os.getpid()
         _ORPHANS.extend((pid, spares.pool, conn) for conn in conns)
