@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisCluster", "RedisServer", "free_port", "require_redis_server"]
+__all__ = ["RedisCluster", "RedisServer", "free_port", "out_of_memory", "require_redis_server"]
 
 
 def require_redis_server() -> str:
@@ -48,6 +48,23 @@ def _wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[n
             return
         time.sleep(0.02)
     raise RuntimeError(f"timed out waiting for {what}")
+
+
+def out_of_memory(r: redis.Redis) -> None:
+    """Make a noeviction Redis refuse every write that needs memory (OOM), as a full one does.
+
+    The limit is one byte rather than "a little under used_memory after filling it": used_memory
+    includes buffers Redis does not count against maxmemory (``mem_not_counted_for_evict``: the
+    AOF buffer, which grows to megabytes while a slow disk postpones its write), so a limit
+    taken from it can stay above the memory Redis compares, and writes go on succeeding."""
+    if r.config_get("maxmemory-policy").get("maxmemory-policy") != "noeviction":
+        raise RuntimeError("out_of_memory needs a Redis started with --maxmemory-policy noeviction")
+    r.config_set("maxmemory", 1)
+    try:
+        r.set("qsync-test:probe", b"x")
+    except redis.exceptions.OutOfMemoryError:
+        return
+    raise RuntimeError("Redis accepted a write with maxmemory at 1 byte")
 
 
 class RedisServer:

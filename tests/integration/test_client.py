@@ -47,7 +47,7 @@ from qsync.errors import (
 from tests.conftest import Driven
 from tests.integration.proxy import Proxy
 from tests.polling import wait_until
-from tests.redis_procs import RedisServer, free_port
+from tests.redis_procs import RedisServer, free_port, out_of_memory
 
 pytestmark = pytest.mark.redis
 
@@ -176,20 +176,11 @@ def lru_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def full_server() -> Iterator[RedisServer]:
-    """A Redis with noeviction, filled past its maxmemory: every write needing memory is OOM."""
-    server = RedisServer("--maxmemory", "8mb", "--maxmemory-policy", "noeviction").start()
+    """A Redis with noeviction past its maxmemory: every write needing memory is OOM."""
+    server = RedisServer("--maxmemory-policy", "noeviction").start()
     try:
         with server.client() as r:
-            for i in itertools.count():
-                try:
-                    r.set(f"fill:{i}", b"x" * 65536)
-                except redis.exceptions.OutOfMemoryError:
-                    break
-            # Margin: freed client buffers must not bring it back under the limit.
-            used = int(r.info("memory")["used_memory"])
-            r.config_set("maxmemory", max(1, used - 512 * 1024))
-            with pytest.raises(redis.exceptions.OutOfMemoryError):
-                r.set("probe", b"x")
+            out_of_memory(r)
         yield server
     finally:
         server.cleanup()

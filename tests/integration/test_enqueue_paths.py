@@ -28,7 +28,7 @@ from qsync.errors import EnqueueUncertain, NotEnqueued, QsyncError
 from tests.integration.proxy import Proxy
 from tests.integration.test_client import Shell
 from tests.polling import wait_until
-from tests.redis_procs import RedisServer
+from tests.redis_procs import RedisServer, out_of_memory
 
 pytestmark = pytest.mark.redis
 
@@ -283,19 +283,6 @@ def test_a_cut_in_a_batch_of_large_payloads_keeps_every_payload_whole(
 # --- 4. Redis refusing part of a batch -------------------------------------------------------
 
 
-def _fill(r: redis.Redis) -> None:
-    """Fill a noeviction Redis past its maxmemory: every write needing memory is OOM."""
-    r.config_set("maxmemory", "8mb")
-    for i in itertools.count():
-        try:
-            r.set(f"fill:{i}", b"x" * 65536)
-        except redis.exceptions.OutOfMemoryError:
-            break
-    r.config_set("maxmemory", max(1, int(r.info("memory")["used_memory"]) - 512 * 1024))
-    with pytest.raises(redis.exceptions.OutOfMemoryError):
-        r.set("probe", b"x")
-
-
 def test_out_of_memory_mid_batch_refuses_whole_script_calls_and_keeps_the_others(shell: Shell) -> None:
     server = RedisServer("--maxmemory-policy", "noeviction").start()
     try:
@@ -303,7 +290,7 @@ def test_out_of_memory_mid_batch_refuses_whole_script_calls_and_keeps_the_others
         known = [Task("oom", b"%d" % i, task_id=f"known-{i}") for i in range(ENQUEUE_CHUNK + 1)]
         assert all(isinstance(x, TaskInfo) for x in queue.enqueue_many(known))
         with server.client() as r:
-            _fill(r)
+            out_of_memory(r)
             # Chunk 1: tasks that exist (no write, so it runs); chunk 2: new tasks (OOM at the
             # first write, nothing written); chunk 3: one that exists again.
             new = [Task("oom", b"new-%d" % i, task_id=f"new-{i}", unique=60) for i in range(ENQUEUE_CHUNK)]
