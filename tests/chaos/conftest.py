@@ -29,3 +29,15 @@ def chaos(request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: P
         if call is not None and call.failed:
             print(f"\n[chaos {env.name}] prefix {env.prefix}, records in {tmp_path}" + env.diagnostics())
         env.close()
+
+
+# Each chaos test waits on worker processes with deadlines of its own (start-up, drain,
+# graceful stop) that add up past the suite's 120 s: its own failure, with the fleet's
+# diagnostics, must come before pytest-timeout's bare one.
+CHAOS_TIMEOUT = 300
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("chaos") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(CHAOS_TIMEOUT))
