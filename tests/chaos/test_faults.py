@@ -279,24 +279,24 @@ def test_f04_zombie_worker_sigstop(chaos: Chaos, zombie_task: str) -> None:
     - ``ends_while_stopped`` (tasks of 2 x lease): its handlers finish at once on waking, while
       the new holder still runs them; its acks are refused and each task's final commit is the
       new holder's; dup <= c.
-    - ``outlives_the_stop`` (tasks of 6 x lease on the first attempt): its first heartbeat on
+    - ``outlives_the_stop`` (tasks of a minute on the first attempt): its first heartbeat on
       waking finds the leases lost and cancels the handlers: dup = 0.
 
-    Either way all its jobs end uncommitted ("lost" in its stats) and it stays healthy."""
+    Either way all its jobs end uncommitted ("lost" in its stats) and it stays healthy. The
+    other worker starts while the zombie is stopped: however long its start-up takes, the
+    zombie's tasks are still running when it stops."""
     c, lease = 4, 1.0
     zombie = chaos.fleet.spawn(concurrency=c, lease_duration=lease)
     if zombie_task == "ends_while_stopped":
         payload = {"secs": 2 * lease}
     else:
-        payload = {"secs": 6 * lease, "hold_attempts": 1}
+        payload = {"secs": 60 * lease, "hold_attempts": 1}
     tasks = [make("sleepy", {**payload, "n": i}) for i in range(c)]
     chaos.enqueue(tasks)
     stolen = wait_until(_in_flight(chaos, zombie, c), "the zombie-to-be running 4 tasks", 20)
-    other = chaos.fleet.spawn(concurrency=c, lease_duration=lease)
-    chaos.fleet.wait_ready([other])
-
     chaos.fleet.pause(zombie)
     stopped_at = time.monotonic()
+    other = chaos.fleet.spawn(concurrency=c, lease_duration=lease)
 
     def rerun_elsewhere() -> bool:
         execs = chaos.execs()
@@ -342,13 +342,14 @@ def test_f04_zombie_worker_sigstop(chaos: Chaos, zombie_task: str) -> None:
 
 
 def test_f05_blocked_event_loop(chaos: Chaos) -> None:
-    """An async handler blocks its worker's event loop (time.sleep) for 3 x lease on its first
+    """An async handler blocks its worker's event loop (time.sleep) for 8 x lease on its first
     attempt. Heartbeats run on the loop, so that worker's leases expire and the other worker
-    recovers and completes its tasks; the blocked worker's late results are refused; dup <= c."""
+    (started once the block began: 8 x lease leaves room for a slow start-up) recovers and
+    completes its tasks; the blocked worker's late results are refused; dup <= c."""
     c, lease = 4, 1.0
     blocked = chaos.fleet.spawn(concurrency=c, lease_duration=lease)
     chaos.fleet.wait_ready([blocked])
-    tasks = [make("blocking", {"secs": 3 * lease, "hold_attempts": 1})]
+    tasks = [make("blocking", {"secs": 8 * lease, "hold_attempts": 1})]
     tasks += [make("sleepy", {"secs": 0.5, "n": i}) for i in range(c - 1)]
     chaos.enqueue(tasks)
     wait_until(_in_flight(chaos, blocked, 1), "the blocking task to start", 20)

@@ -180,7 +180,7 @@ async def test_a_wait_past_the_socket_timeout_fails_and_drops_its_connection(
     tls_redis: TlsRedis, kind: str, admin: redis.Redis
 ) -> None:
     name = next_name()
-    client = tls_redis.client(kind, client_name=name, socket_timeout=0.2)
+    client = tls_redis.client(kind, client_name=name, socket_timeout=1.0)
     try:
         link = await open_link(client)
         with pytest.raises(redis.TimeoutError):

@@ -154,10 +154,10 @@ def test_a_task_leased_behind_a_long_wait_keeps_its_lease(worker: Worker) -> Non
     done = threading.Event()
 
     def handler(ctx: Context, task: LeasedTask) -> None:
-        cancelled.append(ctx.wait_cancelled(1.5))
+        cancelled.append(ctx.wait_cancelled(3.0))
         done.set()
 
-    worker.start(handler, poll_interval=30, lease_duration=0.4)
+    worker.start(handler, poll_interval=30, lease_duration=1.0)
     wait_until(lambda: _armed(worker.client) == 1, "the listener to wait with a lease behind")
     info = worker.queue.enqueue(Task("t"))
     wait_event(done, "the handler to finish")
