@@ -72,7 +72,7 @@ class RedisServer:
 
     The AOF is written before each reply and its fsync left to the kernel (``appendfsync no``):
     a SIGKILL of Redis still keeps every write, and a slow disk cannot make Redis hold its AOF
-    writes back (what ``everysec`` does while an fsync lags) or stall on them."""
+    writes back (what ``everysec`` does while an fsync lags)."""
 
     def __init__(self, *extra: str, port: int | None = None, folder: Path | None = None) -> None:
         self.binary = require_redis_server()
