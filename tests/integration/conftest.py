@@ -1,9 +1,10 @@
-"""Fixtures shared by integration modules: the worker server (test_server, test_waker,
-test_waker_faults), the client shells of either flavour (test_client, test_enqueue_paths) and
-a Redis with a TLS port and an ACL user (test_link, test_link_attack)."""
+"""Fixtures shared by integration modules: the worker server and knobs of its waker
+(test_server, test_waker, test_waker_faults), the client shells of either flavour (test_client,
+test_enqueue_paths) and a Redis with a TLS port and an ACL user (test_link, test_link_attack)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from qsync._priority import allocate
+from qsync.server import _processor, _waker
 from tests.integration.test_client import Shell
 from tests.integration.test_link import TlsRedis, next_name
 from tests.integration.test_server import Worker, worker_on
@@ -26,6 +29,30 @@ def worker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
 def aworker(redis_server: RedisServer) -> Iterator[Worker]:
     """An AsyncQueue.run worker (the server code is the same for both flavours)."""
     yield from worker_on("async", redis_server)
+
+
+@pytest.fixture
+def long_armed_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Armed waits block for a quarter of a SLOW lease (30 s) instead of the library's cap of
+    2 s: a slot that comes back within a few seconds then came back because its wait was
+    ended, not because the wait ran out."""
+    monkeypatch.setattr(_waker, "MAX_LEASE_BLOCK_S", 30.0)
+
+
+class _FirstInterval(random.Random):
+    """A draw that always lands at the start of the first queue's interval."""
+
+    def randrange(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+
+@pytest.fixture
+def first_queue_wins_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slot left over after the weighted split goes to the first queue with a fraction, not
+    by a random draw: with weights 1000:1 the second queue would win one draw in 1001, so a test
+    expecting the first to hold the idle lease would wait for a state that never came."""
+    first = _FirstInterval()
+    monkeypatch.setattr(_processor, "allocate", lambda free, weights, rng: allocate(free, weights, first))
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ def test_reserved_slots_never_let_more_than_concurrency_run(worker: Worker) -> N
     assert gate.most == 2
 
 
+@pytest.mark.usefixtures("long_armed_waits")
 def test_a_server_that_gets_busy_takes_back_the_slots_other_listeners_reserved(worker: Worker) -> None:
     # Idle, each of two queues' listeners holds half of the four slots. Work on queue a only:
     # the server must end b's wait (its BRPOP would block for far longer than this test) and
@@ -96,6 +97,7 @@ def test_a_server_that_gets_busy_takes_back_the_slots_other_listeners_reserved(w
     assert gate.most == 4
 
 
+@pytest.mark.usefixtures("long_armed_waits")
 def test_stop_of_an_armed_server_returns_its_leases_at_once(worker: Worker) -> None:
     worker.start(lambda ctx, task: None, queues={"a": 1, "b": 1}, **SLOW)
     wait_until(lambda: _armed(worker.client) == 2, "both listeners to wait with a lease behind")

@@ -26,8 +26,9 @@ from tests.integration.test_waker import SLOW, Gate, _armed, _listeners
 from tests.polling import wait_until
 from tests.redis_procs import RedisServer
 
-# With SLOW, an armed wait blocks for a quarter of the lease (30 s), an unarmed one for the
-# poll interval (60 s): anything that happens within BOUND happened because a wait was ended.
+# With SLOW and long_armed_waits, an armed wait blocks for a quarter of the lease (30 s), an
+# unarmed one for the poll interval (60 s): anything that happens within BOUND happened because
+# a wait was ended. (Without long_armed_waits the library caps an armed wait at 2 s.)
 BOUND = 5.0
 
 
@@ -66,6 +67,7 @@ def _enqueue_atomically(client: redis.Redis, queue: qsync.Queue, batches: dict[s
 # --- reserved slots must not hold up the server's own work --------------------------------------
 
 
+@pytest.mark.usefixtures("long_armed_waits", "first_queue_wins_draws")
 def test_a_wake_up_on_a_queue_without_a_share_is_not_held_up_by_reserved_slots(worker: Worker) -> None:
     # One slot, two queues: idle, the slot is reserved for the lease behind a's wait (b's share
     # of one slot by weight 1000:1 is 0, but for a 1-in-1001 draw), so b's listener only
@@ -80,6 +82,7 @@ def test_a_wake_up_on_a_queue_without_a_share_is_not_held_up_by_reserved_slots(w
     wait_event(ran, "b's task to run while a's armed wait holds the only slot", timeout=BOUND)
 
 
+@pytest.mark.usefixtures("long_armed_waits", "first_queue_wins_draws")
 def test_a_partly_busy_server_runs_a_task_on_a_queue_without_a_share(worker: Worker) -> None:
     # The same with a slot held by a running task: two slots, one busy, the free one reserved
     # for a's lease; b's task must run at once, not when a's wait times out.
@@ -135,6 +138,7 @@ def test_strict_priority_holds_for_tasks_that_arrive_together(worker: Worker) ->
 # --- several servers on one queue -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("long_armed_waits", "first_queue_wins_draws")
 def test_a_busy_server_leaves_wake_ups_to_an_idle_peer(worker: Worker) -> None:
     # Server A (one slot, queues a and b) goes idle first: its slot is reserved for a's lease,
     # b's listener only listens (for 60 s), and it blocked on b's wake list before B's did.
@@ -213,6 +217,7 @@ def _server(worker: Worker) -> Any:
     return worker._aqueue._server
 
 
+@pytest.mark.usefixtures("long_armed_waits")
 def test_killed_listener_connections_give_their_slots_back(worker: Worker) -> None:
     # CLIENT KILL of every armed listener: Redis drops the lease queued behind the BRPOP with
     # the connection (it never runs), so the reserved slots must come back and the listeners
@@ -240,6 +245,7 @@ def test_killed_listener_connections_give_their_slots_back(worker: Worker) -> No
     assert worker.active_count("a") == 0
 
 
+@pytest.mark.usefixtures("long_armed_waits")
 def test_killing_every_connection_does_not_wedge_an_idle_server(worker: Worker) -> None:
     # CLIENT KILL TYPE normal: the listeners and the server's own pool all go at once.
     ran = threading.Event()
@@ -252,6 +258,7 @@ def test_killing_every_connection_does_not_wedge_an_idle_server(worker: Worker) 
     worker.stop(timeout=BOUND)
 
 
+@pytest.mark.usefixtures("long_armed_waits")
 def test_a_flushed_script_cache_does_not_keep_slots_reserved_or_slow_the_stop(worker: Worker) -> None:
     # SCRIPT FLUSH while armed: the unblock that ends b's wait when the server gets busy meets
     # NOSCRIPT and must be reloaded, so four of a's tasks still run at once; then the stop's
