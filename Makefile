@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-compat test-fast test-cluster chaos lint format unasync bench bench-micro bench-peers demo clean
+.PHONY: help install test test-compat test-compat-venvs test-fast test-cluster chaos lint format unasync bench bench-micro bench-peers demo clean
 
 help:
 	@echo "make demo        run a producer and a worker fleet end to end against Redis"
@@ -40,11 +40,16 @@ DRIVER_TESTS := tests/unit tests/cluster tests/integration --ignore=tests/integr
 	.venv-redis-$*/bin/python -m pip install -q -e '.[test]' 'redis[hiredis]==$*'
 	@touch $@
 
+test: $(STAMP) test-compat-venvs
+	$(BIN)/python -m pytest -q
+	@$(MAKE) --no-print-directory test-compat
+
+test-compat-venvs: $(OLDEST)/.installed $(SEVEN)/.installed
+
 # The two older versions' runs go side by side (most of a run waits on Redis and on worker
 # processes, so together they take little longer than the longer one); the second one's output
 # is kept and printed after the first's.
-test: $(STAMP) $(OLDEST)/.installed $(SEVEN)/.installed
-	$(BIN)/python -m pytest -q
+test-compat: test-compat-venvs
 	@echo "== the suite again with redis-py $(REDIS_PY_OLDEST), the oldest supported; beside it,"
 	@echo "== the tests that drive redis-py with redis-py $(REDIS_PY_7), the last before 8 (printed after)"
 	@log=$$(mktemp); \
@@ -53,10 +58,6 @@ test: $(STAMP) $(OLDEST)/.installed $(SEVEN)/.installed
 	wait $$seven; seven=$$?; \
 	echo "== redis-py $(REDIS_PY_7): $(DRIVER_TESTS)"; cat $$log; rm -f $$log; \
 	test $$oldest -eq 0 && test $$seven -eq 0
-
-test-compat: $(OLDEST)/.installed $(SEVEN)/.installed
-	$(OLDEST)/bin/python -m pytest -q
-	$(SEVEN)/bin/python -m pytest -q $(DRIVER_TESTS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/lua -k "not redis]" -m "not cluster and not chaos"
