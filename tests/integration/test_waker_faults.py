@@ -24,7 +24,7 @@ from qsync import Context, LeasedTask, Task, TaskState, _ops
 from tests.integration.test_server import Worker, wait_event
 from tests.integration.test_waker import SLOW, Gate, _armed, _listeners
 from tests.polling import wait_until
-from tests.redis_procs import RedisServer
+from tests.redis_procs import RedisServer, out_of_memory
 
 # With SLOW and long_armed_waits, an armed wait blocks for a quarter of the lease (30 s), an
 # unarmed one for the poll interval (60 s): anything that happens within BOUND happened because
@@ -176,7 +176,7 @@ def test_stop_returns_promptly_when_redis_is_at_maxmemory(own_redis: RedisServer
     try:
         w.start(lambda ctx, task: None, queues={"a": 1, "b": 1}, **SLOW)
         wait_until(lambda: _armed(w.client) == 2, "both listeners to wait with a lease behind")
-        w.client.config_set("maxmemory", 1)
+        out_of_memory(w.client)
         w.stop(timeout=BOUND)
         assert _listeners(w.client) == []
     finally:
